@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` (the embedded shapes-world demo) and `make test` (the suite).
+# Both create or reuse .venv and install the pinned dependency set (constraints.txt) first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.prefalign-installed
+OUT ?= runs/demo
+
+.PHONY: setup test demo lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/prefalign demo --out $(OUT)
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
