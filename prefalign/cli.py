@@ -99,41 +99,182 @@ def align(
 @app.command()
 @user_errors
 def bench(
-    suite: Annotated[str, typer.Argument(help="Prompt suite: coco-val, parti, drawbench, hps, shapes-val, file:PATH.")],
+    suite: Annotated[
+        str,
+        typer.Argument(help="Prompt suite: coco-val, parti, drawbench, hps, pickapic-val, shapes-val, file:PATH."),
+    ],
     overrides: OverridesArg = None,
+    generator: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--generator", "-g",
+            help="Generator spec, e.g. shapes-teacher, diffusers:DIR?steps=30&cfg=7.5, a pipeline directory; "
+            "repeatable.",
+        ),
+    ] = None,
+    reward: Annotated[
+        list[str] | None,
+        typer.Option("--reward", "-r", help="Reward name or weighted sum (e.g. hpsv2.1, shapes-oracle); repeatable."),
+    ] = None,
+    num_prompts: Annotated[
+        int | None, typer.Option("--num-prompts", help="Prompts to use (a seeded subset); default all.")
+    ] = None,
+    samples_per_prompt: Annotated[
+        int | None, typer.Option("--samples-per-prompt", help="Images per prompt (seeds); default 1.")
+    ] = None,
+    baseline: Annotated[
+        str | None, typer.Option("--baseline", help="Generator label for win rates (default: the first).")
+    ] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--captions", "--prompts-file",
+            help="The suite's file: captions_val2017.json, PartiPrompts.tsv, DrawBench CSV, HPS folder, "
+            "Pick-a-Pic parquet.",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Images per generator call and reward pass.")
+    ] = None,
+    checkpoint: Annotated[
+        list[str] | None,
+        typer.Option("--checkpoint", help="NAME=PATH: local checkpoint for a reward; repeatable."),
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", help="NAME.KEY=VALUE reward adapter option; repeatable."),
+    ] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Reward dtype: float32, bfloat16 or float16.")] = None,
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     out: OutOpt = None,
 ) -> None:
     """Generate with each generator, score with each reward, write leaderboards with confidence intervals."""
-    _not_built(f"bench {suite}", "the benchmark harness has not landed")
+    from prefalign.bench.harness import BENCH_DEFAULTS, run_bench
+    from prefalign.config import resolve_config
+    from prefalign.rewards.score import parse_checkpoint_flags, parse_option_flags
+
+    cfg = resolve_config(
+        BENCH_DEFAULTS, config, overrides or [], suite=suite, generators=generator or None,
+        rewards=reward or None, num_prompts=num_prompts, samples_per_prompt=samples_per_prompt,
+        baseline=baseline, prompts_file=str(prompts_file) if prompts_file else None, batch_size=batch_size,
+        checkpoints=parse_checkpoint_flags(checkpoint) if checkpoint else None,
+        options=parse_option_flags(option) if option else None, dtype=dtype, seed=seed, device=device,
+        out=str(out) if out else None,
+    )
+    result = run_bench(cfg, log=typer.echo)
+    if result.leaderboard is not None:
+        typer.echo(f"leaderboard written to {result.out} (leaderboard.md, leaderboard.csv, samples.csv, "
+                   "gallery.html, leaderboard.png)")
 
 
 @app.command()
 @user_errors
 def generate(
     overrides: OverridesArg = None,
+    generator: Annotated[
+        str | None,
+        typer.Option("--generator", "-g", help="Generator spec, e.g. shapes-teacher or diffusers:DIR?steps=30."),
+    ] = None,
+    suite: Annotated[
+        str | None, typer.Option("--suite", help="Prompt suite (as in `bench`); or give --prompt.")
+    ] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt; repeatable.")] = None,
+    num_prompts: Annotated[int | None, typer.Option("--num-prompts", help="Prompts of the suite to use.")] = None,
+    samples_per_prompt: Annotated[
+        int | None, typer.Option("--samples-per-prompt", help="Images per prompt (seeds); default 1.")
+    ] = None,
+    prompts_file: Annotated[
+        Path | None, typer.Option("--captions", "--prompts-file", help="The suite's file (see `bench`).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per generator call.")] = None,
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     out: OutOpt = None,
 ) -> None:
     """Sample images from a generator (diffusers pipeline, shapes teacher, one-step generator run)."""
-    _not_built("generate", "generators land with the benchmark harness and the one-step trainer")
+    from prefalign.bench.harness import GENERATE_DEFAULTS, run_generate
+    from prefalign.config import resolve_config
+
+    cfg = resolve_config(
+        GENERATE_DEFAULTS, config, overrides or [], generator=generator, suite=suite, prompts=prompt or None,
+        num_prompts=num_prompts, samples_per_prompt=samples_per_prompt,
+        prompts_file=str(prompts_file) if prompts_file else None, batch_size=batch_size, seed=seed,
+        device=device, out=str(out) if out else None,
+    )
+    result = run_generate(cfg, log=typer.echo)
+    typer.echo(f"{sum(result.generated.values())} images generated; all in {result.out / 'images'} "
+               f"(list: {result.out / 'images.csv'})")
 
 
 @app.command()
 @user_errors
 def score(
     overrides: OverridesArg = None,
+    reward: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--reward", "-r", help="Reward name or weighted sum (e.g. 0.5*hpsv2.1+aesthetic); repeatable."
+        ),
+    ] = None,
+    images: Annotated[
+        str | None, typer.Option("--images", help="Image directory, glob pattern or CSV (path[,prompt]).")
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option("--prompts", help="Text file, one prompt per image (in image order).")
+    ] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="One prompt for every image.")] = None,
+    checkpoint: Annotated[
+        list[str] | None,
+        typer.Option("--checkpoint", help="NAME=PATH: local checkpoint for a reward; repeatable."),
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option", help="NAME.KEY=VALUE adapter option (e.g. pickscore.processor=DIR); repeatable."
+        ),
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per forward pass.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="float32 (default), bfloat16 or float16.")
+    ] = None,
     config: ConfigOpt = None,
-    seed: SeedOpt = None,
     device: DeviceOpt = None,
-    out: OutOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="CSV to write (default scores.csv).")] = None,
 ) -> None:
     """Score images with reward models (aesthetic, ImageReward, HPSv2, PickScore, CLIPScore, ...)."""
-    _not_built("score", "the reward adapters have not landed")
+    from prefalign.config import resolve_config
+    from prefalign.rewards.score import (
+        SCORE_DEFAULTS,
+        parse_checkpoint_flags,
+        parse_option_flags,
+        score_images,
+    )
+
+    cfg = resolve_config(
+        SCORE_DEFAULTS,
+        config,
+        overrides or [],
+        rewards=reward or None,
+        images=images,
+        prompts=prompts,
+        prompt=prompt,
+        checkpoints=parse_checkpoint_flags(checkpoint) if checkpoint else None,
+        options=parse_option_flags(option) if option else None,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+        out=out,
+    )
+    report = score_images(**cfg)
+    for reason in report.failed.values():
+        typer.echo(f"skipped {reason}", err=True)
+    failed = f"; {len(report.failed)} images failed" if report.failed else ""
+    typer.echo(f"wrote {report.rows} scores to {report.out}{failed}")
+    if report.failed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -145,8 +286,45 @@ def demo(
     device: DeviceOpt = None,
     out: OutOpt = None,
 ) -> None:
-    """Run the embedded end-to-end demo in the shapes world."""
-    _not_built("demo", "the shapes world has not landed")
+    """Run the embedded end-to-end demo in the shapes world (shipped teacher → samples → scores → tables, grids)."""
+    from prefalign.config import resolve_config
+    from prefalign.demo import DEMO_DEFAULTS, run_demo
+    from prefalign.runs import prepare_run_dir, resolve_device, seed_everything
+
+    resolved = resolve_config(DEMO_DEFAULTS, config, overrides or [], seed=seed, device=device,
+                              out=str(out) if out else None)
+    run_device = resolve_device(resolved["device"])
+    run_dir = prepare_run_dir(resolved)
+    seed_everything(resolved["seed"])
+    run_demo(resolved, run_dir, run_device, log=typer.echo)
+    typer.echo(f"demo written to {run_dir} (summary.md, summary.csv, samples.csv, grids/)")
+
+
+shapes_app = typer.Typer(help="The shapes world: pretrain its teacher, make preference data.", no_args_is_help=True)
+app.add_typer(shapes_app, name="shapes")
+
+
+@shapes_app.command("pretrain")
+@user_errors
+def shapes_pretrain(
+    overrides: OverridesArg = None,
+    config: ConfigOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    out: OutOpt = None,
+) -> None:
+    """Pretrain the shapes teacher on web data (defaults reproduce the shipped checkpoint); resumes in --out."""
+    from prefalign.config import resolve_config
+    from prefalign.runs import prepare_run_dir, resolve_device, seed_everything
+    from prefalign.shapes.pretrain import PRETRAIN_DEFAULTS, pretrain_teacher
+
+    resolved = resolve_config(PRETRAIN_DEFAULTS, config, overrides or [], seed=seed, device=device,
+                              out=str(out) if out else None)
+    resolved["device"] = str(resolve_device(resolved["device"]))
+    run_dir = prepare_run_dir(resolved)
+    seed_everything(resolved["seed"])
+    teacher_dir = pretrain_teacher(resolved, run_dir)
+    typer.echo(f"teacher written to {teacher_dir} (metrics: {run_dir / 'metrics.csv'})")
 
 
 def main() -> None:
