@@ -101,7 +101,7 @@ def align(
 def bench(
     suite: Annotated[
         str,
-        typer.Argument(help="Prompt suite: coco-val, parti, drawbench, hps, pickapic-val, shapes-val, file:PATH."),
+        typer.Argument(help="Suite: coco-val, parti, drawbench, hps, pickapic-val, shapes-val or file:PATH."),
     ],
     overrides: OverridesArg = None,
     generator: Annotated[
@@ -114,7 +114,7 @@ def bench(
     ] = None,
     reward: Annotated[
         list[str] | None,
-        typer.Option("--reward", "-r", help="Reward name or weighted sum (e.g. hpsv2.1, shapes-oracle); repeatable."),
+        typer.Option("--reward", "-r", help="Reward name or weighted sum (e.g. hpsv2.1); repeatable."),
     ] = None,
     num_prompts: Annotated[
         int | None, typer.Option("--num-prompts", help="Prompts to use (a seeded subset); default all.")
@@ -144,7 +144,9 @@ def bench(
         list[str] | None,
         typer.Option("--option", help="NAME.KEY=VALUE reward adapter option; repeatable."),
     ] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Reward dtype: float32, bfloat16 or float16.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="Reward dtype: float32, bfloat16 or float16.")
+    ] = None,
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
@@ -175,13 +177,15 @@ def generate(
     overrides: OverridesArg = None,
     generator: Annotated[
         str | None,
-        typer.Option("--generator", "-g", help="Generator spec, e.g. shapes-teacher or diffusers:DIR?steps=30."),
+        typer.Option("--generator", "-g", help="Generator spec, e.g. diffusers:DIR?steps=30."),
     ] = None,
     suite: Annotated[
         str | None, typer.Option("--suite", help="Prompt suite (as in `bench`); or give --prompt.")
     ] = None,
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt; repeatable.")] = None,
-    num_prompts: Annotated[int | None, typer.Option("--num-prompts", help="Prompts of the suite to use.")] = None,
+    num_prompts: Annotated[
+        int | None, typer.Option("--num-prompts", help="Prompts of the suite to use.")
+    ] = None,
     samples_per_prompt: Annotated[
         int | None, typer.Option("--samples-per-prompt", help="Images per prompt (seeds); default 1.")
     ] = None,
@@ -250,7 +254,7 @@ def score(
         SCORE_DEFAULTS,
         parse_checkpoint_flags,
         parse_option_flags,
-        score_images,
+        score_from_config,
     )
 
     cfg = resolve_config(
@@ -268,7 +272,7 @@ def score(
         device=device,
         out=out,
     )
-    report = score_images(**cfg)
+    report = score_from_config(cfg)
     for reason in report.failed.values():
         typer.echo(f"skipped {reason}", err=True)
     failed = f"; {len(report.failed)} images failed" if report.failed else ""
@@ -325,6 +329,48 @@ def shapes_pretrain(
     seed_everything(resolved["seed"])
     teacher_dir = pretrain_teacher(resolved, run_dir)
     typer.echo(f"teacher written to {teacher_dir} (metrics: {run_dir / 'metrics.csv'})")
+
+
+LABELS_DEFAULTS: dict = {
+    "seed": 0, "out": None, "n_pairs": 2000, "temperature": 0.05, "tie_margin": 0.02, "source": "web",
+    "split": "train",
+}
+
+
+@shapes_app.command("labels")
+@user_errors
+def shapes_labels(
+    overrides: OverridesArg = None,
+    config: ConfigOpt = None,
+    seed: SeedOpt = None,
+    out: OutOpt = None,
+) -> None:
+    """Write a Pick-a-Pic-format preference dataset with simulated Bradley–Terry labels from the oracle."""
+    from prefalign.config import resolve_config
+    from prefalign.runs import prepare_run_dir
+    from prefalign.shapes.labels import make_preference_dataset
+
+    cfg = resolve_config(LABELS_DEFAULTS, config, overrides or [], seed=seed, out=str(out) if out else None)
+    run_dir = prepare_run_dir(cfg)
+    info = make_preference_dataset(run_dir, cfg["n_pairs"], cfg["seed"], cfg["temperature"], cfg["tie_margin"],
+                                   cfg["source"], cfg["split"])
+    typer.echo(f"{info.n_pairs} pairs written to {info.path} (ties {info.tie_fraction:.1%}, "
+               f"label-noise ceiling {info.label_noise_ceiling:.3f})")
+
+
+@shapes_app.command("train-clip")
+@user_errors
+def shapes_train_clip(
+    steps: Annotated[int, typer.Option("--steps", help="Training steps (800 reproduces the shipped model).")] = 800,
+    seed: SeedOpt = None,
+    out: OutOpt = None,
+) -> None:
+    """Train, evaluate and save the shapes-clip reward model; the defaults reproduce the shipped checkpoint."""
+    from prefalign.shapes.clip import main as train_clip_main
+
+    if out is None:
+        raise PrefalignError("pass --out DIR for the trained shapes-clip checkpoint")
+    train_clip_main(["--out", str(out), "--steps", str(steps), "--seed", str(seed or 0)])
 
 
 def main() -> None:

@@ -2,12 +2,10 @@
 
 grammar (Scene ⟷ prompt), render (Scene → image), webdata (the pretraining distribution), oracle (ground-truth
 score in [0, 1]), labels (simulated Bradley–Terry preference datasets), clip (the small shapes-clip model) and
-rewards (the `shapes-oracle` and `shapes-clip` reward models). `labels` and `clip` are imported on demand
+rewards (the `shapes-oracle` and `shapes-clip` reward models, built-in entries of the reward registry). `labels` and `clip` are imported on demand
 (they pull in pandas / train a model). See docs/shapes.md.
 """
 
-from prefalign.rewards.registry import available as _available_rewards
-from prefalign.rewards.registry import register as _register_reward
 from prefalign.shapes.grammar import (
     BACKGROUNDS,
     COLOURS,
@@ -25,27 +23,10 @@ from prefalign.shapes.oracle import detect_objects, oracle, oracle_breakdown
 from prefalign.shapes.render import RenderQuality, render, render_batch
 from prefalign.shapes.webdata import WEB_RATES, WebDataset, make_web_dataset, sample_web_pair
 
-# Lazy "module:function" entries: the heavy reward modules load only when these rewards are asked for.
-REWARD_FACTORIES = {
-    "shapes-oracle": "prefalign.shapes.rewards:load_shapes_oracle",
-    "shapes-clip": "prefalign.shapes.rewards:load_shapes_clip_reward",
-}
-
-
-def register_shapes_rewards() -> None:
-    """Add `shapes-oracle` and `shapes-clip` to the reward registry (idempotent; runs on import)."""
-    for name, factory in REWARD_FACTORIES.items():
-        if name not in _available_rewards():
-            _register_reward(name, factory)
-
-
-register_shapes_rewards()
-
 __all__ = [
     "BACKGROUNDS",
     "COLOURS",
     "RELATIONS",
-    "REWARD_FACTORIES",
     "SHAPES",
     "WEB_RATES",
     "ObjectSpec",
@@ -58,7 +39,6 @@ __all__ = [
     "oracle",
     "oracle_breakdown",
     "parse_prompt",
-    "register_shapes_rewards",
     "render",
     "render_batch",
     "sample_prompts",

@@ -1,0 +1,434 @@
+"""Shared machinery of the CLIP-family rewards: preprocessing, safe checkpoint loading, the batched score
+loop.
+
+Three image pipelines cover the official implementations:
+- OpenAI CLIP `_transform` / open_clip eval (aesthetic, CLIPScore on open_clip): PIL bicubic resize of the
+  shorter side, torchvision `CenterCrop` (offset rounded), ToTensor, Normalize;
+- transformers' slow `CLIPImageProcessor` (PickScore, CLIPScore on transformers): the same PIL resize but the
+  crop offset is floored (`transformers.image_transforms.center_crop`), so odd margins shift by one pixel;
+- HPS v2 `image_transform(resize_longest_max=True)`: ToTensor first, then a *tensor* bicubic resize of the
+  longer side and a black letterbox (`hpsv2/src/open_clip/transform.py::ResizeMaxSize`).
+Each has a torch-only twin for `differentiable` (bicubic with antialias, which follows PIL's kernel but skips
+PIL's 8-bit intermediate rounding).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from prefalign.errors import PrefalignError
+from prefalign.rewards.base import ImageLike, RewardInfo, RewardModel
+from prefalign.rewards.images import load_rgb
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+CropRounding = Literal["round", "floor"]
+
+
+# --------------------------------------------------------------------------------------------- preprocessing
+def shorter_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(h, w) after resizing the shorter side to `size`: torchvision `_compute_resized_output_size` and
+    transformers `get_resize_output_image_size(default_to_square=False)` agree (long side truncated with
+    int())."""
+    if width <= height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def crop_offsets(height: int, width: int, crop: int, rounding: CropRounding) -> tuple[int, int]:
+    """Top/left of a centred `crop`: torchvision rounds (half to even), transformers floors."""
+    if rounding == "round":
+        return round((height - crop) / 2.0), round((width - crop) / 2.0)
+    return (height - crop) // 2, (width - crop) // 2
+
+
+def pil_resize_crop(img: Image.Image, size: int, crop: int, rounding: CropRounding) -> torch.Tensor:
+    """PIL bicubic shorter-side resize + centre crop -> float [3, crop, crop] in [0, 1] (ToTensor).
+
+    Reproduces `Resize(size, BICUBIC) -> CenterCrop(crop) -> ToTensor()` on PIL images (OpenAI CLIP
+    `_transform`) with rounding="round", and `CLIPImageProcessor` resize/center_crop/rescale with
+    rounding="floor".
+    """
+    h, w = shorter_side_size(img.height, img.width, size)
+    if (h, w) != (img.height, img.width):
+        img = img.resize((w, h), Image.BICUBIC)
+    top, left = crop_offsets(h, w, crop, rounding)
+    arr = np.asarray(img, dtype=np.uint8)[top : top + crop, left : left + crop]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)  # copy: PIL arrays are read-only
+
+
+def tensor_resize_crop(x: torch.Tensor, size: int, crop: int, rounding: CropRounding) -> torch.Tensor:
+    """Differentiable twin of `pil_resize_crop` for [B, 3, H, W] in [0, 1] (bicubic, antialias like PIL)."""
+    h, w = shorter_side_size(x.shape[-2], x.shape[-1], size)
+    if (h, w) != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+    top, left = crop_offsets(h, w, crop, rounding)
+    return x[..., top : top + crop, left : left + crop]
+
+
+def letterbox(x: torch.Tensor, size: int, antialias: bool) -> torch.Tensor:
+    """HPS `ResizeMaxSize(size, BICUBIC, fill=0)` on a float tensor [..., 3, H, W].
+
+    The official transform skips resizing *and padding* when the longer side already equals `size`, which
+    makes non-square inputs crash its model; here such images are padded too.
+    """
+    height, width = x.shape[-2:]
+    scale = size / float(max(height, width))
+    if scale != 1.0:
+        new_size = [round(height * scale), round(width * scale)]
+        x = TF.resize(x, new_size, InterpolationMode.BICUBIC, antialias=antialias)
+    pad_h, pad_w = size - x.shape[-2], size - x.shape[-1]
+    if pad_h or pad_w:
+        x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
+    return x
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """torchvision `Normalize` over the channel dimension (dim -3)."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x - m) / s
+
+
+# ------------------------------------------------------------------------------------- checkpoints and files
+def require_file(path: str | Path, what: str, source: str) -> Path:
+    """`path` as a Path if it exists, else a one-line error naming it and where the file comes from."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise PrefalignError(f"{what} not found: {path} (get it from {source})")
+    return path
+
+
+def _torch_load_tensors(path: Path) -> object:
+    """`torch.load(weights_only=True)`, memory-mapped when the file allows it (a 4 GB checkpoint is then not
+    held twice while loading), without torch's TorchScript warning (load_weights raises a clearer error)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*TorchScript archive", category=UserWarning)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+
+
+def load_weights(path: str | Path, what: str, source: str) -> dict[str, torch.Tensor]:
+    """Read a state dict without running pickled code: safetensors, or `torch.load(weights_only=True)`.
+
+    A checkpoint that pickles arbitrary objects (a whole nn.Module, an argparse Namespace, a TorchScript
+    archive) is refused with the reason; the fix is to re-save its tensors as a plain state dict or
+    safetensors.
+    """
+    path = require_file(path, what, source)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
+            raise PrefalignError(f"cannot read {what} {path}: {err}") from None
+    try:
+        obj = _torch_load_tensors(path)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:  # not a pickle of tensors at all: truncated, corrupt or another format
+            raise PrefalignError(
+                f"cannot read {what} {path}: not a torch checkpoint or safetensors file"
+            ) from None
+        raise PrefalignError(
+            f"refused to load {what} {path}: it pickles an object of type {found[1]}, not just tensors, "
+            "and unpickling can run arbitrary code; re-save its state dict with "
+            "torch.save(model.state_dict()) or safetensors"
+        ) from None
+    except RuntimeError as err:
+        if "TorchScript" in str(err):
+            raise PrefalignError(
+                f"refused to load {what} {path}: it is a TorchScript archive (e.g. OpenAI's ViT-L-14.pt), "
+                "which runs embedded code; pass a plain state dict or safetensors (open_clip's Hub weights)"
+            ) from None
+        raise PrefalignError(f"cannot read {what} {path}: {str(err).strip().splitlines()[0]}") from None
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise PrefalignError(f"{what} {path} is not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_strict(
+    module: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    what: str,
+    ignore: Callable[[str], bool] = lambda key: False,
+) -> None:
+    """`load_state_dict(strict=True)` minus keys the allow-list predicate `ignore` names; one-line error."""
+    try:
+        result = module.load_state_dict({k: v for k, v in state.items() if not ignore(k)}, strict=False)
+    except RuntimeError as err:  # shape mismatches raise even when strict=False
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise PrefalignError(f"{what} does not match the architecture: {detail}") from None
+    if result.missing_keys or result.unexpected_keys:
+        missing, unexpected = result.missing_keys, result.unexpected_keys
+        raise PrefalignError(
+            f"{what} does not match the architecture: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); "
+            "is it the right checkpoint/model config?"
+        )
+
+
+def hub_offline() -> bool:
+    """True when the user asked for offline mode (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def resolve_checkpoint(
+    path: str | Path | None, repo_id: str, filename: str | None, what: str, flag: str
+) -> Path:
+    """A local checkpoint path; when none is given, the official Hub file (a cached copy offline).
+
+    `filename=None` resolves a whole Hub repository (a transformers model directory).
+    """
+    if path is not None:
+        return require_file(path, what, f"the Hub repo {repo_id}")
+    import huggingface_hub
+
+    offline = hub_offline()
+    try:
+        if filename is None:  # configs, tokenizer files and weights; not the TF/Flax/ONNX copies
+            patterns = ["*.json", "*.txt", "*.safetensors", "*.bin"]
+            return Path(
+                huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline)
+            )
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, local_files_only=offline))
+    except Exception as err:  # network, auth, offline-cache miss: all mean "give me a local file"
+        where = f"{repo_id}/{filename}" if filename else repo_id
+        raise PrefalignError(
+            f"no {what} given and the Hub file {where} could not be fetched ({type(err).__name__}); "
+            f"download it and pass {flag}"
+        ) from None
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise PrefalignError(f"{what} {path} is not readable JSON ({err})") from None
+
+
+# -------------------------------------------------------------------------------------------- the base class
+def check_prompts(prompts: Sequence[str], token_counts: Sequence[int], limit: int, reward: str) -> None:
+    """Warn about prompts the tokenizer will truncate (to `limit` tokens incl. start/end) or that are
+    empty."""
+    # Messages name the prompt, not its index, so Python's once-per-message filter reports each prompt once.
+    for prompt, count in zip(prompts, token_counts, strict=True):
+        if not prompt.strip():
+            warnings.warn(f"{reward}: empty prompt; scored against the empty text", stacklevel=2)
+        elif count > limit:
+            warnings.warn(
+                f"{reward}: prompt {prompt[:50]!r}... has {count} tokens; truncated to {limit} "
+                "as the official tokenizer does",
+                stacklevel=2,
+            )
+
+
+def cosine_to_score(cos: torch.Tensor, scale: float, clip_at_zero: bool) -> torch.Tensor:
+    """`scale * cos`, optionally `max(., 0)` (CLIPScore: Hessel et al. w=2.5; torchmetrics 100)."""
+    score = cos * scale
+    return score.clamp_min(0.0) if clip_at_zero else score
+
+
+class ClipLikeReward(RewardModel):
+    """A reward computed from an image tower (and usually a text tower) on a fixed-size normalised input.
+
+    Subclasses provide `preprocess_pil` (the official no-grad pipeline, one image), `preprocess_tensor` (its
+    torch-only twin for a batch) and `reward_from_pixels`; this class supplies batching and input checks.
+    """
+
+    uses_prompts = True
+    context_length = 77
+
+    def __init__(self, info: RewardInfo) -> None:
+        super().__init__()
+        self.info = info
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def preprocess_pil(self, img: Image.Image) -> torch.Tensor:
+        raise NotImplementedError
+
+    def preprocess_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reward_from_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Tokens per prompt before truncation, start/end tokens included."""
+        raise NotImplementedError
+
+    def _check_batch(self, n_images: int, prompts: Sequence[str]) -> list[str]:
+        if isinstance(prompts, str):
+            prompts = [prompts] * n_images
+        prompts = list(prompts)
+        if len(prompts) != n_images:
+            raise PrefalignError(
+                f"{self.name}: got {n_images} images but {len(prompts)} prompts; pass one per image"
+            )
+        return prompts
+
+    @torch.no_grad()
+    def score(
+        self, images: Sequence[ImageLike], prompts: Sequence[str], batch_size: int = 16
+    ) -> torch.Tensor:
+        """Batched no-grad scores with the official preprocessing (see the module docstring)."""
+        prompts = self._check_batch(len(images), prompts)
+        if self.uses_prompts:
+            check_prompts(prompts, self.token_counts(prompts), self.context_length, self.name)
+        out = []
+        for start in range(0, len(images), max(1, batch_size)):
+            chunk = [load_rgb(images[i]) for i in range(start, min(start + batch_size, len(images)))]
+            pixels = torch.stack([self.preprocess_pil(img) for img in chunk])
+            out.append(self.reward_from_pixels(pixels, prompts[start : start + len(chunk)]).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def differentiable(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Scores with gradients w.r.t. `images` ([B, 3, H, W] floats in [0, 1]); torch-only preprocessing."""
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise PrefalignError(f"{self.name}.differentiable needs a [B, 3, H, W] float tensor, got {shape}")
+        prompts = self._check_batch(images.shape[0], prompts)
+        return self.reward_from_pixels(self.preprocess_tensor(images), prompts).float()
+
+    def _encode_unique(
+        self, prompts: Sequence[str], encode: Callable[[list[str]], torch.Tensor]
+    ) -> torch.Tensor:
+        """Encode each distinct prompt once (benchmarks score many images per prompt); rows follow
+        `prompts`."""
+        unique = list(dict.fromkeys(prompts))
+        feats = encode(unique)
+        index = torch.tensor([unique.index(p) for p in prompts], device=feats.device)
+        return feats.index_select(0, index)
+
+
+def as_bool(value: object) -> bool:
+    """An option value from Python or from the CLI (`--option clipscore.clip_at_zero=false`)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def as_float(value: object) -> float:
+    """A finite float option value from Python or from the CLI."""
+    try:
+        result = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise PrefalignError(f"option value {value!r} must be a number") from None
+    if not math.isfinite(result):
+        raise PrefalignError(f"option value {value!r} must be a finite number")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ open_clip models
+def build_open_clip(model_name: str, model_config: str | Path | None) -> tuple[torch.nn.Module, dict]:
+    """An untrained open_clip `CLIP` from a bundled config name or a JSON config file (open_clip's format,
+    optionally wrapped as {"model_cfg": ...} like `open_clip_config.json`); nothing is downloaded."""
+    import open_clip
+
+    if model_config is not None:
+        path = require_file(model_config, "open_clip model config", "open_clip's model_configs/ directory")
+        cfg = read_json(path, "open_clip model config")
+        cfg = cfg.get("model_cfg", cfg)
+    else:
+        cfg = open_clip.get_model_config(model_name)
+        if cfg is None:
+            raise PrefalignError(
+                f"unknown open_clip model '{model_name}'; use a name from open_clip.list_models() or pass "
+                "model_config=PATH.json"
+            )
+    text_cfg = cfg.get("text_cfg", {})
+    if cfg.get("custom_text") or "hf_model_name" in text_cfg or "hf_tokenizer_name" in text_cfg:
+        raise PrefalignError(
+            f"open_clip model '{model_name}' uses a Hugging Face text tower, which is not supported"
+        )
+    fields = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")
+    model = open_clip.model.CLIP(**{k: cfg[k] for k in fields if k in cfg})
+    return model.eval(), cfg
+
+
+def open_clip_tokenizer(cfg: Mapping) -> Any:
+    """open_clip's CLIP BPE tokenizer (vocabulary shipped inside the open_clip package)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=cfg.get("text_cfg", {}).get("context_length", 77))
+
+
+def open_clip_image_size(cfg: Mapping) -> int:
+    size = cfg["vision_cfg"].get("image_size", 224)
+    return int(size if isinstance(size, int) else size[0])
+
+
+def write_clip_processor_files(out_dir: str | Path, image_size: int = 224) -> Path:
+    """Write a transformers CLIP processor directory offline: CLIPTokenizer `vocab.json`/`merges.txt` rebuilt
+    from the BPE vocabulary open_clip ships (the standard 49408-token OpenAI CLIP vocabulary, same
+    construction as `open_clip.tokenizer.SimpleTokenizer`) plus the standard CLIPImageProcessor settings
+    (bicubic shortest edge, square centre crop, OpenAI mean/std). Tests and benchmarks use it; nothing is
+    downloaded."""
+    import gzip
+
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with gzip.open(default_bpe()) as fh:
+        merges = fh.read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    byte_tokens = list(bytes_to_unicode().values())
+    vocab = [*byte_tokens, *(t + "</w>" for t in byte_tokens), *(m.replace(" ", "") for m in merges)]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    special["pad_token"] = "<|endoftext|>"
+    (out / "special_tokens_map.json").write_text(json.dumps(special))
+    tok_cfg = {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "errors": "replace"}
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    image_cfg = {
+        "processor_class": "CLIPProcessor",
+        "image_processor_type": "CLIPImageProcessor",
+        "size": {"shortest_edge": image_size},
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_resize": True,
+        "do_center_crop": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "image_mean": list(OPENAI_MEAN),
+        "image_std": list(OPENAI_STD),
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(image_cfg, indent=1))
+    return out
