@@ -65,6 +65,10 @@ def root(
     """Reward adapters, reward training, alignment trainers and a benchmark harness for text-to-image diffusion."""
 
 
+def _path(value: Path | None) -> str | None:
+    return str(value) if value is not None else None
+
+
 def _not_built(what: str, issue: str) -> None:
     raise NotBuiltYet(f"'{what}' is not built yet ({issue}); nothing was run")
 
@@ -291,16 +295,13 @@ def demo(
     out: OutOpt = None,
 ) -> None:
     """Run the embedded end-to-end demo in the shapes world (shipped teacher → samples → scores → tables, grids)."""
-    from prefalign.config import resolve_config
-    from prefalign.demo import DEMO_DEFAULTS, run_demo
-    from prefalign.runs import prepare_run_dir, resolve_device, seed_everything
+    import torch
 
-    resolved = resolve_config(DEMO_DEFAULTS, config, overrides or [], seed=seed, device=device,
-                              out=str(out) if out else None)
-    run_device = resolve_device(resolved["device"])
-    run_dir = prepare_run_dir(resolved)
-    seed_everything(resolved["seed"])
-    run_demo(resolved, run_dir, run_device, log=typer.echo)
+    from prefalign.demo import DEMO_DEFAULTS, run_demo
+    from prefalign.runs import start_run
+
+    resolved, run_dir = start_run(DEMO_DEFAULTS, config, overrides, seed=seed, device=device, out=_path(out))
+    run_demo(resolved, run_dir, torch.device(resolved["device"]), log=typer.echo)
     typer.echo(f"demo written to {run_dir} (summary.md, summary.csv, samples.csv, grids/)")
 
 
@@ -318,15 +319,10 @@ def shapes_pretrain(
     out: OutOpt = None,
 ) -> None:
     """Pretrain the shapes teacher on web data (defaults reproduce the shipped checkpoint); resumes in --out."""
-    from prefalign.config import resolve_config
-    from prefalign.runs import prepare_run_dir, resolve_device, seed_everything
+    from prefalign.runs import start_run
     from prefalign.shapes.pretrain import PRETRAIN_DEFAULTS, pretrain_teacher
 
-    resolved = resolve_config(PRETRAIN_DEFAULTS, config, overrides or [], seed=seed, device=device,
-                              out=str(out) if out else None)
-    resolved["device"] = str(resolve_device(resolved["device"]))
-    run_dir = prepare_run_dir(resolved)
-    seed_everything(resolved["seed"])
+    resolved, run_dir = start_run(PRETRAIN_DEFAULTS, config, overrides, seed=seed, device=device, out=_path(out))
     teacher_dir = pretrain_teacher(resolved, run_dir)
     typer.echo(f"teacher written to {teacher_dir} (metrics: {run_dir / 'metrics.csv'})")
 
@@ -346,12 +342,10 @@ def shapes_labels(
     out: OutOpt = None,
 ) -> None:
     """Write a Pick-a-Pic-format preference dataset with simulated Bradley–Terry labels from the oracle."""
-    from prefalign.config import resolve_config
-    from prefalign.runs import prepare_run_dir
+    from prefalign.runs import start_run
     from prefalign.shapes.labels import make_preference_dataset
 
-    cfg = resolve_config(LABELS_DEFAULTS, config, overrides or [], seed=seed, out=str(out) if out else None)
-    run_dir = prepare_run_dir(cfg)
+    cfg, run_dir = start_run(LABELS_DEFAULTS, config, overrides, seed=seed, out=_path(out))
     info = make_preference_dataset(run_dir, cfg["n_pairs"], cfg["seed"], cfg["temperature"], cfg["tie_margin"],
                                    cfg["source"], cfg["split"])
     typer.echo(f"{info.n_pairs} pairs written to {info.path} (ties {info.tie_fraction:.1%}, "

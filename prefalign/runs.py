@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefalign.config import save_config
+from prefalign.config import resolve_config, save_config
 from prefalign.errors import PrefalignError
 
 
@@ -44,3 +44,16 @@ def prepare_run_dir(config: Mapping, key: str = "out") -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir)
     return run_dir
+
+
+def start_run(
+    defaults: Mapping, config_file: str | Path | None, overrides: list[str] | None, **explicit: object
+) -> tuple[dict, Path]:
+    """What every run command does first: resolve the config (defaults <- YAML <- overrides <- flags), check the
+    device, create the run directory with the resolved config in it, and seed everything."""
+    config = resolve_config(defaults, config_file, overrides or [], **explicit)
+    if "device" in config:
+        config["device"] = str(resolve_device(config["device"]))
+    run_dir = prepare_run_dir(config)
+    seed_everything(int(config.get("seed", 0)))
+    return config, run_dir
