@@ -164,10 +164,10 @@ def bench(
     cfg = resolve_config(
         BENCH_DEFAULTS, config, overrides or [], suite=suite, generators=generator or None,
         rewards=reward or None, num_prompts=num_prompts, samples_per_prompt=samples_per_prompt,
-        baseline=baseline, prompts_file=str(prompts_file) if prompts_file else None, batch_size=batch_size,
+        baseline=baseline, prompts_file=_path(prompts_file), batch_size=batch_size,
         checkpoints=parse_checkpoint_flags(checkpoint) if checkpoint else None,
         options=parse_option_flags(option) if option else None, dtype=dtype, seed=seed, device=device,
-        out=str(out) if out else None,
+        out=_path(out),
     )
     result = run_bench(cfg, log=typer.echo)
     if result.leaderboard is not None:
@@ -209,8 +209,8 @@ def generate(
     cfg = resolve_config(
         GENERATE_DEFAULTS, config, overrides or [], generator=generator, suite=suite, prompts=prompt or None,
         num_prompts=num_prompts, samples_per_prompt=samples_per_prompt,
-        prompts_file=str(prompts_file) if prompts_file else None, batch_size=batch_size, seed=seed,
-        device=device, out=str(out) if out else None,
+        prompts_file=_path(prompts_file), batch_size=batch_size, seed=seed,
+        device=device, out=_path(out),
     )
     result = run_generate(cfg, log=typer.echo)
     typer.echo(f"{sum(result.generated.values())} images generated; all in {result.out / 'images'} "
@@ -302,7 +302,7 @@ def demo(
 
     resolved, run_dir = start_run(DEMO_DEFAULTS, config, overrides, seed=seed, device=device, out=_path(out))
     run_demo(resolved, run_dir, torch.device(resolved["device"]), log=typer.echo)
-    typer.echo(f"demo written to {run_dir} (summary.md, summary.csv, samples.csv, grids/)")
+    typer.echo(f"demo written to {run_dir}: leaderboard/leaderboard.md (and .csv, samples.csv, gallery.html), grids/")
 
 
 shapes_app = typer.Typer(help="The shapes world: pretrain its teacher, make preference data.", no_args_is_help=True)

@@ -79,17 +79,17 @@ def test_cli_pretrain_then_demo(tmp_path):
     result = runner.invoke(app, ["demo", "--out", str(demo), "--device", "cpu", f"teacher={run / 'teacher'}",
                                  "num_prompts=2", "samples_per_prompt=2", "sampler.steps=2"])
     assert result.exit_code == 0, result.output
-    summary = (demo / "summary.csv").read_text()
+    board = (demo / "leaderboard" / "leaderboard.csv").read_text()
     for generator in ("teacher", "ideal render", "web data"):
-        assert generator in summary
-    assert "shapes-oracle" in (demo / "summary.md").read_text()
+        assert generator in board
+    assert "shapes-oracle" in (demo / "leaderboard" / "leaderboard.md").read_text()
     assert len(list((demo / "grids").glob("*.png"))) == 2
     assert (demo / "config.yaml").exists()
 
 
 def test_demo_with_a_missing_teacher_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), f"teacher={tmp_path / 'nope'}"])
-    assert result.exit_code == 2 and "no shapes teacher" in result.output
+    assert result.exit_code == 2 and "no teacher at" in result.output
 
 
 def test_prompt_sets_match_the_shipped_files():

@@ -32,7 +32,7 @@ PRETRAIN_DEFAULTS: dict = {
     "out": None,
     "data": {"num_examples": 20000, "seed": 1},
     "train": {
-        "steps": 2500,
+        "steps": 1500,
         "batch_size": 32,
         "lr": 2e-3,
         "warmup_steps": 200,
@@ -44,7 +44,7 @@ PRETRAIN_DEFAULTS: dict = {
         "snr_gamma": 5.0,
         "timesteps": {"kind": "uniform", "loc": 0.0, "scale": None},
     },
-    "eval": {"every": 500, "num_val": 512, "val_seed": 2, "num_samples": 64, "sample_steps": 20, "guidance": 3.0},
+    "eval": {"every": 250, "num_val": 512, "val_seed": 2, "num_samples": 64, "sample_steps": 20, "guidance": 3.0},
     "checkpoint_every": 250,
     "save_dtype": "float16",
     "arch": DEFAULT_ARCH,

@@ -33,12 +33,14 @@ DEFAULT_ARCH: dict = {
         "attention_head_dim": 16,
         "norm_num_groups": 8,
     },
-    # The cosine schedule suits small images (Nichol & Dhariwal 2021); DDIM "leading" spacing as in SD.
+    # The cosine schedule suits small images (Nichol & Dhariwal 2021). v-prediction keeps x̂_0 accurate at the
+    # schedule's very low SNRs, where ε-prediction amplifies errors by σ/α (Salimans & Ho 2022): an ε-model
+    # trained for the same budget sampled noise. DDIM "leading" spacing as in SD.
     "scheduler": {
         "_class_name": "DDIMScheduler",
         "num_train_timesteps": 1000,
         "beta_schedule": "squaredcos_cap_v2",
-        "prediction_type": "epsilon",
+        "prediction_type": "v_prediction",
         "clip_sample": True,
         "clip_sample_range": 1.0,
         "set_alpha_to_one": True,
