@@ -105,3 +105,13 @@ def test_default_arch_is_not_mutated_by_overrides():
     before = copy.deepcopy(DEFAULT_ARCH)
     tiny_config(1)
     assert before == DEFAULT_ARCH
+
+
+def test_shipped_teacher_loads_and_samples():
+    from prefalign.shapes.generators import teacher_source
+    from prefalign.shapes.teacher import SHIPPED_TEACHER
+
+    assert (SHIPPED_TEACHER / "model_index.json").is_file(), "the shapes teacher checkpoint must ship"
+    images = teacher_source(steps=2)(["a red circle", "two blue squares"], [0, 1])
+    assert images.shape == (2, 3, 32, 32) and float(images.min()) >= 0 and float(images.max()) <= 1
+    assert load_teacher().prediction_type == "v_prediction"
