@@ -29,7 +29,7 @@ DEMO_DEFAULTS: dict = {
     "device": "auto",
     "out": "runs/demo",
     "teacher": None,  # a teacher pipeline directory; None = the checkpoint shipped with prefalign
-    "num_prompts": 24,
+    "num_prompts": 16,
     "samples_per_prompt": 4,
     "sampler": {"steps": 25, "guidance": 3.0, "eta": 0.0},
     "rewards": ["shapes-oracle", "shapes-clip"],

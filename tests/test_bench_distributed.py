@@ -8,6 +8,7 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from prefalign.cli import app
@@ -38,7 +39,8 @@ def test_two_processes_give_the_single_process_leaderboard(tmp_path):
         "--device",
         "cpu",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PREFALIGN_NO_PROGRESS": "1"}
+    # Same intra-op thread count as the in-process run below: float results may depend on it.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PREFALIGN_NO_PROGRESS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
         [*launch, "-m", "prefalign.cli", *args, "--out", str(tmp_path / "two")],
