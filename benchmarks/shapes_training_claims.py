@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+# Each arm names its weighting and timestep sampler explicitly (the shipped recipe's defaults may change).
 ARMS = {
-    "uniform": [],
-    "min_snr_5": ["train.weighting=min_snr", "train.snr_gamma=5"],
-    "laplace": ["train.timesteps.kind=laplace", "train.timesteps.loc=0", "train.timesteps.scale=0.5"],
+    "uniform": ["train.weighting=uniform", "train.timesteps.kind=uniform"],
+    "min_snr_5": ["train.weighting=min_snr", "train.snr_gamma=5", "train.timesteps.kind=uniform"],
+    "laplace": ["train.weighting=uniform", "train.timesteps.kind=laplace", "train.timesteps.loc=0",
+                "train.timesteps.scale=0.5"],
 }
 
 

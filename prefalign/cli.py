@@ -346,7 +346,7 @@ def shapes_pretrain(
 ) -> None:
     """Pretrain the shapes teacher on web data (defaults reproduce the shipped checkpoint); resumes in --out."""
     from prefalign.runs import start_run
-    from prefalign.shapes.pretrain import PRETRAIN_DEFAULTS, pretrain_teacher
+    from prefalign.train.pretrain import PRETRAIN_DEFAULTS, pretrain_teacher
 
     resolved, run_dir = start_run(PRETRAIN_DEFAULTS, config, overrides, seed=seed, device=device, out=_path(out))
     teacher_dir = pretrain_teacher(resolved, run_dir)

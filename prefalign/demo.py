@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
-from torchvision.io import read_image
-from torchvision.utils import make_grid, save_image
+from PIL import Image, ImageDraw, ImageFont
 
 from prefalign.bench.generators import resolve_generator, source_generator
 from prefalign.bench.harness import BENCH_DEFAULTS, run_bench
@@ -76,24 +76,39 @@ def stage_leaderboard(ctx: DemoContext) -> None:
     }
     suite = suite_from_prompts("shapes-val", ctx.prompts, "built-in", f"first {len(ctx.prompts)} prompts")
     ctx.results["leaderboard"] = run_bench(config, ctx.log, generators, suite).leaderboard
-    write_prompt_grids(ctx.run_dir / "leaderboard", ctx.run_dir / "grids")
+    write_prompt_grids(ctx.run_dir / "leaderboard", ctx.run_dir / "grids", ctx.config["rewards"][0])
 
 
-def write_prompt_grids(bench_dir: Path, out_dir: Path) -> None:
-    """One PNG per prompt from a bench run's `samples.csv`: a row per generator (leaderboard order), a column per
-    sample, upscaled 4× (nearest) so 32-px images are viewable."""
+def write_prompt_grids(bench_dir: Path, out_dir: Path, score: str) -> None:
+    """One labelled PNG per prompt from a bench run's `samples.csv`: the prompt on top, a row per generator
+    (leaderboard order, named on the left), a column per sample, each image upscaled 4× (nearest) and captioned
+    with its `score` column."""
     samples = pd.read_csv(bench_dir / "samples.csv")
     order = list(dict.fromkeys(samples["generator"]))
     out_dir.mkdir(parents=True, exist_ok=True)
+    font = ImageFont.load_default()
+    tile, caption, label_width, title = 128, 14, 140, 22
     for prompt_index, group in samples.groupby("prompt_index", sort=True):
         group = group.assign(rank=group["generator"].map(order.index)).sort_values(["rank", "sample"])
-        images = [read_image(str(bench_dir / path)) for path in group["image"]]
-        grid = make_grid(torch.stack(images).float() / 255, nrow=int(group["sample"].nunique()), padding=2,
-                         pad_value=0.5)
-        grid = torch.nn.functional.interpolate(grid[None], scale_factor=4, mode="nearest")[0]
-        name = f"{int(prompt_index):03d}_{group['prompt'].iloc[0].replace(' ', '_')[:80]}.png"
+        columns = int(group["sample"].nunique())
+        canvas = Image.new("RGB", (label_width + columns * (tile + 4), title + len(order) * (tile + caption + 6)),
+                           "white")
+        draw = ImageDraw.Draw(canvas)
+        prompt = str(group["prompt"].iloc[0])
+        draw.text((4, 4), prompt, fill="black", font=font)
+        for row, (generator, rows) in enumerate(group.groupby("rank", sort=True)):
+            top = title + row * (tile + caption + 6)
+            name = order[generator]
+            draw.text((4, top + tile // 2 - 12), "\n".join(textwrap.wrap(name, 20)), fill="black", font=font)
+            for col, (_, sample) in enumerate(rows.iterrows()):
+                left = label_width + col * (tile + 4)
+                image = Image.open(bench_dir / sample["image"]).convert("RGB").resize((tile, tile), Image.NEAREST)
+                canvas.paste(image, (left, top))
+                draw.rectangle((left - 1, top - 1, left + tile, top + tile), outline="gray")
+                draw.text((left + 2, top + tile + 1), f"{score} {sample[score]:.2f}", fill="black", font=font)
+        name = f"{int(prompt_index):03d}_{prompt.replace(' ', '_')[:80]}.png"
         with atomic_path(out_dir / name) as tmp:
-            save_image(grid, tmp, format="png")
+            canvas.save(tmp, format="png")
 
 
 STAGES: dict[str, Callable[[DemoContext], None] | str] = {
@@ -122,6 +137,10 @@ def run_demo(config: dict, run_dir: Path, device: torch.device, log: Callable[[s
     stages = {name: _stage(name) for name in config["stages"]}  # an unknown name fails before any work
     if config.get("teacher"):
         load_teacher(config["teacher"])  # so does a wrong teacher path, before any stage trains
+    sampler = config["sampler"]
+    log(f"[demo] scale: {len(ctx.prompts)} shapes-val prompts × {config['samples_per_prompt']} samples, DDIM "
+        f"{sampler['steps']} steps, CFG {sampler['guidance']}, stages {', '.join(stages)}; full-scale numbers "
+        "with 95% CIs: benchmarks/RESULTS.md")
     for name, stage in stages.items():
         log(f"[demo] stage {name}")
         stage(ctx)

@@ -1,6 +1,5 @@
 """Two CPU processes (torchrun, gloo) shard the batches and merge to exactly the single-process result."""
 
-import copy
 import json
 import os
 import subprocess
@@ -12,14 +11,12 @@ import torch
 from typer.testing import CliRunner
 
 from prefalign.cli import app
-from prefalign.shapes.teacher import DEFAULT_ARCH, build_teacher
+from prefalign.shapes.teacher import build_teacher, tiny_arch
 
 
 @pytest.mark.slow
 def test_two_processes_give_the_single_process_leaderboard(tmp_path):
-    arch = copy.deepcopy(DEFAULT_ARCH)
-    arch["unet"].update(block_out_channels=[8, 16, 16], norm_num_groups=8, attention_head_dim=8)
-    arch["text"].update(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    arch = tiny_arch()
     build_teacher(arch).save_pretrained(tmp_path / "teacher")
     args = [
         "bench",

@@ -1,6 +1,5 @@
 """The bench pipeline end to end: reports, caching, resuming after a crash or SIGKILL, generate, the demo."""
 
-import copy
 import json
 import multiprocessing
 import os
@@ -23,7 +22,7 @@ from prefalign.errors import PrefalignError
 from prefalign.shapes.generators import ideal_renders
 from prefalign.shapes.prompts import prompt_set
 from prefalign.shapes.rewards import ShapesOracleReward
-from prefalign.shapes.teacher import DEFAULT_ARCH, build_teacher
+from prefalign.shapes.teacher import build_teacher, tiny_arch
 
 runner = CliRunner()
 
@@ -31,9 +30,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     """A tiny random-weight shapes teacher (the real architecture, narrow widths)."""
-    arch = copy.deepcopy(DEFAULT_ARCH)
-    arch["unet"].update(block_out_channels=[8, 16, 16], norm_num_groups=8, attention_head_dim=8)
-    arch["text"].update(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    arch = tiny_arch()
     directory = tmp_path_factory.mktemp("teacher") / "teacher"
     build_teacher(arch).save_pretrained(directory)
     return directory
@@ -130,6 +127,7 @@ def test_cli_bench_writes_every_report(tmp_path, teacher_dir):
         assert text in markdown
     gallery = (out / "gallery.html").read_text()
     assert gallery.count("<tr>") == 4 and gallery.count("<img") == 18
+    assert gallery.count("<figcaption>") == 18 and "mean over all prompts" in gallery  # scores visible
     assert (out / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "run.json").read_text())["prompts"] == 3 and (out / "config.yaml").is_file()
 

@@ -5,22 +5,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from prefalign.cli import app
 from prefalign.config import resolve_config
 from prefalign.errors import PrefalignError
-from prefalign.shapes import pretrain as pretrain_module
-from prefalign.shapes.pretrain import PRETRAIN_DEFAULTS, pretrain_teacher
 from prefalign.shapes.prompts import prompt_set
 from prefalign.shapes.teacher import DEFAULT_ARCH, build_teacher, load_teacher
+from prefalign.train import pretrain as pretrain_module
+from prefalign.train.pretrain import PRETRAIN_DEFAULTS, pretrain_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_OVERRIDES = [
-    "arch.unet.block_out_channels=[8, 16, 16]", "arch.unet.norm_num_groups=8", "arch.unet.attention_head_dim=8",
+    "arch.unet.block_out_channels=[8, 8, 16, 16]", "arch.unet.norm_num_groups=8", "arch.unet.attention_head_dim=8",
     "arch.text.hidden_size=16", "arch.text.intermediate_size=32", "arch.text.num_hidden_layers=1",
     "arch.text.num_attention_heads=2", "data.num_examples=64", "train.batch_size=4", "train.warmup_steps=1",
     "eval.every=2", "eval.num_val=8", "eval.num_samples=2", "eval.sample_steps=2", "checkpoint_every=2",
+    "text_encoder.steps=2", "text_encoder.num_pairs=16", "text_encoder.batch_size=8",
 ]
 
 
@@ -41,7 +43,7 @@ def test_teacher_is_a_pixel_space_diffusers_model():
 def test_pretrain_writes_metrics_resumes_and_saves_a_loadable_teacher(tmp_path):
     first = pretrain_teacher(tiny_config(2), tmp_path)
     metrics = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert metrics[0] == "step,train_loss,val_loss,oracle,lr,seconds" and len(metrics) == 2
+    assert metrics[0] == "step,train_loss,val_loss,oracle,lr,seconds,cpu_seconds" and len(metrics) == 2
     second = pretrain_teacher(tiny_config(4), tmp_path)  # resumes from step 2
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["2", "4"]
@@ -83,7 +85,9 @@ def test_cli_pretrain_then_demo(tmp_path):
     for generator in ("teacher", "ideal render", "web data"):
         assert generator in board
     assert "shapes-oracle" in (demo / "leaderboard" / "leaderboard.md").read_text()
-    assert len(list((demo / "grids").glob("*.png"))) == 2
+    grids = sorted((demo / "grids").glob("*.png"))
+    assert len(grids) == 2 and Image.open(grids[0]).size[0] > 2 * 128  # labels beside the images
+    assert "[demo] scale: 2 shapes-val prompts × 2 samples" in result.output
     assert (demo / "config.yaml").exists()
 
 

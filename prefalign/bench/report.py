@@ -156,7 +156,8 @@ def gallery_html(
     max_prompts: int,
     title: str,
 ) -> str:
-    """A prompt × generator grid (a prompt's samples in its cell, scores on hover) for the first prompts."""
+    """A prompt × generator grid for the first prompts: each image captioned with its scores, and a last row
+    with each generator's mean score per reward over all prompts."""
     labels = [g.label for g in generators]
     prompt_rows = samples.drop_duplicates("prompt_index").sort_values("prompt_index").head(max_prompts)
     by_cell = {key: group for key, group in samples.groupby(["prompt_index", "generator"], sort=False)}
@@ -164,10 +165,12 @@ def gallery_html(
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
         "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:4px;vertical-align:top}"
-        "img{width:128px;image-rendering:pixelated;margin:1px}table{border-collapse:collapse}</style>",
+        "img{width:128px;image-rendering:pixelated}table{border-collapse:collapse}"
+        "figure{display:inline-block;margin:1px;text-align:center}figcaption{font-size:11px}"
+        "tr.mean td{background:#f4f4f4;font-weight:bold}</style>",
         f"</head><body><h1>{html.escape(title)}</h1>",
-        f"<p>First {len(prompt_rows)} of {samples['prompt_index'].nunique()} prompts; "
-        "hover an image for its scores.</p><table><tr><th>prompt</th>"
+        f"<p>First {len(prompt_rows)} of {samples['prompt_index'].nunique()} prompts; under each image its "
+        f"scores ({html.escape(', '.join(r.spec for r in rewards))}).</p><table><tr><th>prompt</th>"
         + "".join(f"<th>{html.escape(x)}</th>" for x in labels)
         + "</tr>",
     ]
@@ -175,14 +178,19 @@ def gallery_html(
         group = f"<br><small>{html.escape(str(prompt['group']))}</small>" if prompt["group"] else ""
         cells = [f"<td>{html.escape(str(prompt['prompt']))}{group}</td>"]
         for label in labels:
-            imgs = []
+            figures = []
             for _, sample in by_cell[(prompt["prompt_index"], label)].iterrows():
-                tip = "; ".join(f"{r.spec} {sample[r.spec]:.4g}" for r in rewards)
-                imgs.append(
-                    f"<img src='{html.escape(sample['image'])}' title='{html.escape(tip)}' loading='lazy'>"
-                )
-            cells.append("<td>" + "".join(imgs) + "</td>")
+                caption = " · ".join(f"{sample[r.spec]:.3g}" for r in rewards)
+                figures.append(f"<figure><img src='{html.escape(sample['image'])}' loading='lazy'>"
+                               f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+            cells.append("<td>" + "".join(figures) + "</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
+    means = samples.groupby("generator")[[r.spec for r in rewards]].mean()
+    mean_cells = ["<td>mean over all prompts</td>"] + [
+        "<td>" + "<br>".join(f"{html.escape(r.spec)} {means.loc[label, r.spec]:.3g}" for r in rewards) + "</td>"
+        for label in labels
+    ]
+    out.append("<tr class='mean'>" + "".join(mean_cells) + "</tr>")
     out.append("</table></body></html>")
     return "\n".join(out)
 
