@@ -103,3 +103,13 @@ def test_dataset_user_errors(tmp_path: Path) -> None:
         make_preference_dataset(tmp_path, n_pairs=2, seed=0, image_source="teacher")
     with pytest.raises(PrefalignError, match="not found"):
         load_preference_pairs(tmp_path / "missing.parquet")
+
+
+def test_teacher_pairs_are_on_policy_samples_of_training_prompts(tmp_path: Path) -> None:
+    from prefalign.shapes.prompts import prompt_set
+
+    info = make_preference_dataset(tmp_path, 2, seed=0, image_source="teacher")
+    frame = pd.read_parquet(info.path)
+    assert info.image_source == "teacher_pairs" and len(frame) == 2
+    assert set(frame["caption"]) <= set(prompt_set("train"))
+    assert (frame["jpg_0"] != frame["jpg_1"]).all()  # two different samples of one prompt

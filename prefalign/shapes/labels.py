@@ -19,6 +19,7 @@ evaluation-only columns oracle_0 / oracle_1 (oracle scores) and true_label_0 (no
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ from prefalign.errors import PrefalignError
 from prefalign.io import atomic_save, atomic_write_text
 from prefalign.shapes.grammar import sample_scene, scene_to_prompt
 from prefalign.shapes.oracle import oracle
+from prefalign.shapes.prompts import prompt_set
 from prefalign.shapes.render import render
 from prefalign.shapes.webdata import sample_quality, sample_web_example, to_uint8
 
@@ -79,7 +81,23 @@ def generator_pairs(
     return source
 
 
-IMAGE_SOURCES: dict[str, ImageSource] = {"web": web_pairs, "quality": quality_pairs}
+def teacher_pairs(rng: np.random.Generator, n: int, size: int = 32) -> PairBatch:
+    """Two samples of the shipped teacher (DDIM 25 steps, CFG 3, the demo's sampler) for random shapes-train
+    prompts: on-policy pairs, the shapes analogue of Pick-a-Pic's pairs of the model's own generations."""
+    generate = _shipped_teacher()
+    return generator_pairs(lambda prompts, r: generate(prompts, r.integers(2**31, size=len(prompts)).tolist()),
+                           prompt_set("train"))(rng, n, size)
+
+
+@functools.cache
+def _shipped_teacher() -> Callable:
+    # Imported here: it loads diffusers, needed only when teacher pairs are made.
+    from prefalign.shapes.generators import teacher_source
+
+    return teacher_source()
+
+
+IMAGE_SOURCES: dict[str, ImageSource] = {"web": web_pairs, "quality": quality_pairs, "teacher": teacher_pairs}
 
 
 def preference_probability(s0: torch.Tensor, s1: torch.Tensor, temperature: float) -> torch.Tensor:
