@@ -99,8 +99,8 @@ def test_pluggable_image_source(tmp_path: Path) -> None:
 
 
 def test_dataset_user_errors(tmp_path: Path) -> None:
-    with pytest.raises(PrefalignError, match="image_source 'teacher'"):
-        make_preference_dataset(tmp_path, n_pairs=2, seed=0, image_source="teacher")
+    with pytest.raises(PrefalignError, match="image_source 'painter'"):
+        make_preference_dataset(tmp_path, n_pairs=2, seed=0, image_source="painter")
     with pytest.raises(PrefalignError, match="not found"):
         load_preference_pairs(tmp_path / "missing.parquet")
 
@@ -110,6 +110,6 @@ def test_teacher_pairs_are_on_policy_samples_of_training_prompts(tmp_path: Path)
 
     info = make_preference_dataset(tmp_path, 2, seed=0, image_source="teacher")
     frame = pd.read_parquet(info.path)
-    assert info.image_source == "teacher_pairs" and len(frame) == 2
+    assert info.image_source == "teacher" and len(frame) == 2
     assert set(frame["caption"]) <= set(prompt_set("train"))
     assert (frame["jpg_0"] != frame["jpg_1"]).all()  # two different samples of one prompt
