@@ -81,20 +81,21 @@ def generator_pairs(
     return source
 
 
-def teacher_pairs(rng: np.random.Generator, n: int, size: int = 32) -> PairBatch:
-    """Two samples of the shipped teacher (DDIM 25 steps, CFG 3, the demo's sampler) for random shapes-train
-    prompts: on-policy pairs, the shapes analogue of Pick-a-Pic's pairs of the model's own generations."""
-    generate = _shipped_teacher()
+def teacher_pairs(rng: np.random.Generator, n: int, size: int = 32, teacher: str | None = None) -> PairBatch:
+    """Two samples of a teacher pipeline directory (default: the shipped one; DDIM 25 steps, CFG 3, the demo's
+    sampler) for random shapes-train prompts: on-policy pairs, the shapes analogue of Pick-a-Pic's pairs of the
+    model's own generations."""
+    generate = _teacher_sampler(teacher)
     return generator_pairs(lambda prompts, r: generate(prompts, r.integers(2**31, size=len(prompts)).tolist()),
                            prompt_set("train"))(rng, n, size)
 
 
 @functools.cache
-def _shipped_teacher() -> Callable:
+def _teacher_sampler(teacher: str | None) -> Callable:
     # Imported here: it loads diffusers, needed only when teacher pairs are made.
     from prefalign.shapes.generators import teacher_source
 
-    return teacher_source()
+    return teacher_source(teacher)
 
 
 IMAGE_SOURCES: dict[str, ImageSource] = {"web": web_pairs, "quality": quality_pairs, "teacher": teacher_pairs}
