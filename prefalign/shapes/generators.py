@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from prefalign.diffusion.generate import sample_images
+from prefalign.diffusion.models import DiffusionModel
 from prefalign.shapes.grammar import parse_prompt
 from prefalign.shapes.render import render
 from prefalign.shapes.teacher import load_teacher
@@ -42,11 +43,16 @@ def teacher_source(
     batch_size: int = 64,
 ) -> ImageSource:
     """DDIM + CFG samples of a teacher pipeline directory (default: the shipped checkpoint)."""
-    teacher = load_teacher(path, device)
+    return model_source(load_teacher(path, device), steps, guidance, eta, batch_size)
+
+
+def model_source(model: DiffusionModel, steps: int = 25, guidance: float = 3.0, eta: float = 0.0,
+                 batch_size: int = 64) -> ImageSource:
+    """DDIM + CFG samples of a loaded model, in batches of `batch_size`."""
 
     def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
         chunks = [
-            sample_images(teacher, prompts[i : i + batch_size], seeds[i : i + batch_size], steps, guidance, eta).cpu()
+            sample_images(model, prompts[i : i + batch_size], seeds[i : i + batch_size], steps, guidance, eta).cpu()
             for i in range(0, len(prompts), batch_size)
         ]
         return torch.cat(chunks)

@@ -29,9 +29,10 @@ ADAPTER_FILE, META_FILE = "adapter.safetensors", "adapter.json"
 STATE_KEYS = {"dpo": "trainable", "spo": "trainable", "dipp": "generator"}
 
 
-def export_adapter(run_dir: str | Path, method: str, out_dir: str | Path, base: str | None = None) -> Path:
+def export_adapter(run_dir: str | Path, method: str, out_dir: str | Path, base: str | None = None,
+                   benchmark: str = "") -> Path:
     """Write the LoRA adapter of a finished `prefalign align --method METHOD` run into `out_dir`; `base` is the
-    teacher directory it was trained from (None: the shipped teacher)."""
+    teacher directory it was trained from (None: the shipped teacher), `benchmark` what made it (for the record)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     lora = config["generator"] if method == "dipp" else config["policy"]
@@ -41,7 +42,7 @@ def export_adapter(run_dir: str | Path, method: str, out_dir: str | Path, base: 
     tensors = {k: v.to(torch.float16).contiguous() for k, v in state[STATE_KEYS[method]].items()}
     atomic_save(out_dir / ADAPTER_FILE, lambda p: save_file(tensors, str(p)))
     meta = {"method": method, "step": int(state["step"]), "lora_rank": lora["lora_rank"],
-            "lora_alpha": lora.get("lora_alpha"), "lora_targets": lora["lora_targets"], "base": base}
+            "lora_alpha": lora.get("lora_alpha"), "lora_targets": lora["lora_targets"], "base": base, "benchmark": benchmark}
     if method == "dipp":
         meta["t_init"] = json.loads((run_dir / GENERATOR_DIR / ONE_STEP_META).read_text())["t_init"]
     atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
