@@ -155,13 +155,15 @@ class DiffusionModel(nn.Module):
         """(H, W) of decoded images at the default resolution."""
         return self.sample_shape[1] * self.vae_scale_factor, self.sample_shape[2] * self.vae_scale_factor
 
-    def sampler_kwargs(self) -> dict:
+    def sampler_kwargs(self, sample_shape: Sequence[int] | None = None) -> dict:
         """Keyword arguments for the schedule's sampler (`generate.sample_latents`): for VP, those of
         `ddim_sample` that reproduce diffusers' `DDIMScheduler.from_config(<this scheduler config>)`
-        (set_alpha_to_one, steps_offset, spacing, clipping); for flow, the pipeline's sigma grid and shift μ."""
+        (set_alpha_to_one, steps_offset, spacing, clipping); for flow, the pipeline's sigma grid and its shift μ
+        for latents of `sample_shape` ([C, h, w]; default `self.sample_shape`)."""
         if self.schedule.kind == "flow":
+            _, h, w = sample_shape or self.sample_shape
             return {"prediction_type": self.prediction_type, "spacing": self.strategy.flow_spacing,
-                    "mu": self.strategy.flow_mu(self)}
+                    "mu": self.strategy.flow_mu(self, int(h), int(w))}
         from diffusers import DDIMScheduler
 
         cfg = DDIMScheduler.from_config(self.scheduler_config).config

@@ -61,8 +61,8 @@ class ModelFamily:
     def latent_channels(self, denoiser: torch.nn.Module) -> int:
         return int(denoiser.config.in_channels)
 
-    def flow_mu(self, model: DiffusionModel) -> float | None:
-        """μ of a resolution-dependent flow shift at the default size, or None (static shift)."""
+    def flow_mu(self, model: DiffusionModel, height: int, width: int) -> float | None:
+        """μ of a resolution-dependent flow shift for latents of side (height, width), or None (static)."""
         return None
 
     def index_extras(self, model: DiffusionModel) -> dict:

@@ -90,9 +90,8 @@ class Flux(ModelFamily):
     def latent_channels(self, denoiser: torch.nn.Module) -> int:
         return int(denoiser.config.in_channels) // 4
 
-    def flow_mu(self, model) -> float | None:
+    def flow_mu(self, model, height: int, width: int) -> float | None:
         """FluxPipeline always computes μ from the packed length (used only by dynamic schedules)."""
         schedule = model.schedule
-        _, h, w = model.sample_shape
-        return flux_mu((h // 2) * (w // 2), schedule.base_image_seq_len, schedule.max_image_seq_len,
+        return flux_mu((height // 2) * (width // 2), schedule.base_image_seq_len, schedule.max_image_seq_len,
                        schedule.base_shift, schedule.max_shift)

@@ -47,12 +47,11 @@ class StableDiffusion3(ModelFamily):
             pooled_projections=cond.added["pooled_projections"], return_dict=False,
         )[0]
 
-    def flow_mu(self, model) -> float | None:
+    def flow_mu(self, model, height: int, width: int) -> float | None:
         """Only resolution-shifted schedules: μ of the patch-sequence length (SD3Pipeline's `calculate_shift`)."""
         schedule = model.schedule
         if not schedule.dynamic:
             return None
-        _, h, w = model.sample_shape
         patch = model.denoiser.config.patch_size
-        return flux_mu((h // patch) * (w // patch), schedule.base_image_seq_len, schedule.max_image_seq_len,
+        return flux_mu((height // patch) * (width // patch), schedule.base_image_seq_len, schedule.max_image_seq_len,
                        schedule.base_shift, schedule.max_shift)
