@@ -42,8 +42,8 @@ def flow_step(
     """
     dtype = x_t.dtype
     compute = torch.promote_types(dtype, torch.float32)
-    sigma = _per_sample(schedule.sigma_at(torch.as_tensor(t)), x_t)
-    sigma_next = _per_sample(schedule.sigma_at(torch.as_tensor(prev_t)), x_t)
+    sigma = _per_sample(schedule.sigma_at(torch.as_tensor(t, dtype=torch.float64)), x_t)
+    sigma_next = _per_sample(schedule.sigma_at(torch.as_tensor(prev_t, dtype=torch.float64)), x_t)
     if bool((sigma_next >= sigma).any()):
         raise PrefalignError("flow_step goes from noise to data: prev_t must be below t")
     alpha = 1 - sigma
