@@ -97,3 +97,31 @@ def test_flow_models_predict_x0_and_decode(saved):
     latents = model.encode_images(images, sample=False)
     z = model.vae.encode(images * 2 - 1).latent_dist.mode()
     torch.testing.assert_close(latents, (z - 0.0609) * 1.5305)
+
+
+def test_pixel_model_carries_a_flow_schedule(tmp_path):
+    """The shapes teacher's layout (pixel-space UNet) with a rectified-flow schedule: save, load, sample, train."""
+    from prefalign.diffusion.generate import sample_images
+    from prefalign.diffusion.losses import denoising_loss
+    from prefalign.diffusion.timesteps import TimestepSampler
+    from prefalign.diffusion.tiny import tiny_pipeline
+    from prefalign.errors import PrefalignError
+
+    pixel = tiny_pipeline("pixel", sample_size=SIZE)
+    parts = (pixel.denoiser, FlowSchedule(shift=2.0), "flow_prediction", list(pixel.text_encoders), pixel.tokenizers)
+    DiffusionModel(*parts).save_pretrained(tmp_path / "teacher")
+    model = DiffusionModel.from_pretrained(tmp_path / "teacher")
+    assert (model.family, model.prediction_type, model.schedule) == ("pixel", "flow_prediction", parts[1])
+    assert model.scheduler_config["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    images = sample_images(model, PROMPTS, [0, 1], num_steps=3, guidance_scale=2.0)
+    assert images.shape == (2, 3, SIZE, SIZE) and torch.isfinite(images).all()
+    g = torch.Generator().manual_seed(0)
+    x0 = model.encode_images(torch.rand(2, 3, SIZE, SIZE, generator=g))
+    noise = torch.randn(x0.shape, generator=g)
+    t = TimestepSampler("logit-normal")(2, model.schedule, g)
+    output = model(model.schedule.add_noise(x0, noise, t), t, model.encode_prompts(PROMPTS))
+    loss = denoising_loss(output, x0, noise, t, model.schedule, model.prediction_type)
+    expected = (output - (noise - x0)).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(PrefalignError, match="rectified-flow"):
+        DiffusionModel(pixel.denoiser, FlowSchedule(), "epsilon", list(pixel.text_encoders), pixel.tokenizers)
