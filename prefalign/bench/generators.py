@@ -30,9 +30,10 @@ from urllib.parse import parse_qsl
 import torch
 
 from prefalign import __version__
+from prefalign.diffusion.generate import ImageSource
 from prefalign.diffusion.hub import resolve_pipeline_dir
+from prefalign.diffusion.one_step import META_FILE, generator_dir, load_generator, one_step_source
 from prefalign.errors import PrefalignError
-from prefalign.shapes.generators import ImageSource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Each diffusers pipeline's __call__ defaults (num_inference_steps, guidance_scale); pixel: shapes teacher.
@@ -109,8 +110,6 @@ def parse_spec(spec: str | Mapping[str, Any]) -> tuple[str, str | None, dict[str
         return text, None, options, label
     path = Path(text).expanduser()
     if path.is_dir():
-        from prefalign.train.one_step import generator_dir
-
         return ("one-step" if generator_dir(path) else "diffusers"), str(path), options, label
     kinds = ", ".join(generator_kinds())
     raise PrefalignError(
@@ -339,9 +338,22 @@ def _reference(kind: str, source_name: str) -> GeneratorFactory:
 
 
 def _one_step(target: str | None, options: dict[str, Any]) -> BenchGenerator:
-    from prefalign.train.one_step import bench_generator
+    """`one-step:RUN_DIR[?dtype=float32&batch=64]`: a generator trained by `prefalign align --method dipp`."""
+    root = generator_dir(target) if target else None
+    if root is None:
+        raise PrefalignError(
+            f"generator one-step: no one-step generator at {target} ({META_FILE} missing); "
+            "pass the run directory of `prefalign align --method dipp`"
+        )
+    opts = _options("one-step", options, {"dtype": str, "batch": int}, {"dtype": "float32", "batch": 64})
+    meta = json.loads((root / META_FILE).read_text())
+    settings = {"kind": "one-step", "model": str(root), "t_init": meta["t_init"], "sampler": "one-step", **opts}
 
-    return bench_generator(target, options)
+    def build(device: torch.device) -> ImageSource:
+        model, _ = load_generator(root, device, DTYPES[opts["dtype"]])
+        return one_step_source(model, meta["t_init"], opts["batch"])
+
+    return BenchGenerator("one-step", settings, 1, build, dir_fingerprint(root))
 
 
 _KINDS: dict[str, GeneratorFactory] = {

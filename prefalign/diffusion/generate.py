@@ -3,13 +3,17 @@ per (seed, prompt index)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from prefalign.diffusion.flow_sampling import flow_sample
 from prefalign.diffusion.sampling import Denoiser, ddim_sample
 from prefalign.diffusion.schedules import Schedule
+
+# Every image source (models, references, trained generators) has this signature: (prompts, seeds) → images
+# [B, 3, H, W] in [0, 1], deterministic per (prompt, seed).
+ImageSource = Callable[[list[str], list[int]], torch.Tensor]
 
 
 def initial_noise(

@@ -33,7 +33,7 @@ from prefalign.diffusion.schedules import (
 )
 from prefalign.errors import PrefalignError
 
-__all__ = ["FAMILIES", "Conditioning", "DiffusionModel", "scheduler_settings"]
+__all__ = ["FAMILIES", "Conditioning", "DiffusionModel", "load_model", "scheduler_settings"]
 
 FAMILIES: tuple[str, ...] = tuple(FAMILY_REGISTRY)
 
@@ -300,6 +300,22 @@ class DiffusionModel(nn.Module):
                 shutil.rmtree(old)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# The shapes-world teacher ships inside the package; "shapes-teacher[:DIR]" names it (or a retrained one).
+SHIPPED_TEACHER_DIR = Path(__file__).resolve().parents[1] / "assets" / "shapes_teacher"
+
+
+def load_model(spec: str | None, device: torch.device | str = "cpu") -> DiffusionModel:
+    """None or "shapes-teacher" → the shipped shapes teacher; "shapes-teacher:DIR" → that teacher; anything else
+    a pipeline directory or Hub id (`DiffusionModel.from_pretrained`)."""
+    if spec in (None, "", "shapes-teacher") or spec.startswith("shapes-teacher:"):
+        path = Path(spec.split(":", 1)[1]) if spec and ":" in spec else SHIPPED_TEACHER_DIR
+        if not (path / "model_index.json").is_file():
+            hint = "run `prefalign shapes pretrain --out DIR`" if path == SHIPPED_TEACHER_DIR else "check the path"
+            raise PrefalignError(f"no shapes teacher at {path} (model_index.json missing); {hint}")
+        spec = str(path)
+    return DiffusionModel.from_pretrained(spec, device=device)
 
 
 _COMPONENTS = (

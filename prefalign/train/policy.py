@@ -15,21 +15,12 @@ from pathlib import Path
 import torch
 
 from prefalign.diffusion.models import Conditioning, DiffusionModel
+from prefalign.diffusion.models import load_model as load_base_model
 from prefalign.diffusion.sampling import cfg_combine
 from prefalign.errors import PrefalignError
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def load_base_model(spec: str | None, device: torch.device | str = "cpu") -> DiffusionModel:
-    """None or "shapes-teacher" → the shipped shapes teacher; a pipeline directory → `DiffusionModel`."""
-    from prefalign.shapes.teacher import load_teacher
-
-    if spec in (None, "", "shapes-teacher"):
-        return load_teacher(device=device)
-    if spec.startswith("shapes-teacher:"):
-        return load_teacher(spec.split(":", 1)[1], device=device)
-    return DiffusionModel.from_pretrained(spec, device=device)
+__all__ = ["DEFAULT_LORA_TARGETS", "Policy", "evaluation_weights", "load_base_model"]
 
 
 class Policy:
