@@ -46,7 +46,7 @@ PIPELINE_DEFAULTS = {
     "StableDiffusion3Pipeline": (28, 7.0),
     "FluxPipeline": (28, 3.5),
 }
-# Pipelines whose guidance is a network input (guidance-distilled FLUX), not a second CFG forward.
+# Pipelines whose guidance is a network input (guidance-distilled FLUX.1-dev), not a second CFG forward.
 GUIDANCE_EMBEDDED = ("FluxPipeline",)
 SAMPLER_OPTIONS: dict[str, type] = {
     "steps": int,

@@ -11,6 +11,7 @@ pipelines feed their denoisers (checked in tests/test_models.py and tests/test_f
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import shutil
@@ -133,6 +134,13 @@ class DiffusionModel(nn.Module):
                 frozen.requires_grad_(False)
         self.train(False)
 
+    def with_denoiser(self, denoiser: nn.Module) -> DiffusionModel:
+        """A second model that shares this one's text encoders, tokenizers, VAE and schedule but runs
+        `denoiser` (a frozen reference, a merged LoRA copy); neither model's modes or weights change."""
+        twin = copy.copy(self)
+        twin._modules = {**self._modules, "denoiser": denoiser}
+        return twin
+
     def train(self, mode: bool = True) -> DiffusionModel:
         """Only the denoiser switches mode; frozen text encoders and VAE stay in eval mode."""
         self.training = mode
@@ -197,7 +205,7 @@ class DiffusionModel(nn.Module):
         """Classifier-free guidance (Ho & Salimans 2022) with one batched forward of [uncond; cond], as the
         diffusers pipelines do; scale 1 is a single conditional forward. A one-row `uncond` is broadcast.
         Guidance-distilled FLUX checkpoints take the scale as a network input instead."""
-        if guidance_scale == 1 and self.family != "flux":
+        if guidance_scale == 1 and not self.strategy.embeds_guidance(self):
             return self(x_t, t, cond)
         return self.strategy.guided(self, x_t, self._timesteps(t, x_t), cond, uncond, guidance_scale)
 

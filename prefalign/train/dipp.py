@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from prefalign.config import deep_merge
+from prefalign.diffusion.conversions import predicted_x0_eps, score_from_eps
 from prefalign.diffusion.losses import denoising_loss
 from prefalign.diffusion.models import Conditioning, DiffusionModel
 from prefalign.diffusion.one_step import (
@@ -32,7 +33,6 @@ from prefalign.diffusion.one_step import (
     one_step_x0,
     write_meta,
 )
-from prefalign.diffusion.schedules import predicted_x0_eps
 from prefalign.errors import PrefalignError
 from prefalign.progress import track
 from prefalign.rewards.registry import load as load_reward
@@ -89,7 +89,7 @@ def model_score(
     """(score, x̂_0) of a network output: ∇ log p_t(x_t) ≈ −ε̂/σ_t = (α_t x̂_0 − x_t)/σ_t² (Tweedie's formula;
     docs/dipp.md Eq. 2), for ε-, v- or x_0-prediction."""
     x0_hat, eps_hat = predicted_x0_eps(output.to(x_t.dtype), x_t, alpha, sigma, prediction_type)
-    return -eps_hat / sigma, x0_hat
+    return score_from_eps(eps_hat, sigma), x0_hat
 
 
 def ikl_weight(kind: str, alpha: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor, x0_ref: torch.Tensor

@@ -53,6 +53,10 @@ class ModelFamily:
         out_uncond, out_cond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), uncond.cat(cond)).chunk(2)
         return out_uncond + guidance_scale * (out_cond - out_uncond)
 
+    def embeds_guidance(self, model: DiffusionModel) -> bool:
+        """True when the guidance scale is a network input (guidance-distilled FLUX) rather than a CFG batch."""
+        return False
+
     def sample_size(self, denoiser: torch.nn.Module) -> int:
         """The default latent side (the pipelines' `default_sample_size`)."""
         size = denoiser.config.sample_size

@@ -76,10 +76,13 @@ class Flux(ModelFamily):
         )[0]
         return unpack_latents(out, h, w)
 
+    def embeds_guidance(self, model) -> bool:
+        return bool(model.denoiser.config.guidance_embeds)
+
     def guided(self, model, x_t, t, cond, uncond, guidance_scale: float) -> torch.Tensor:
         """Guidance-distilled checkpoints take the scale as the guidance input in one conditional forward (no
         CFG batch, as FluxPipeline); others get true CFG with `uncond` (FluxPipeline's true_cfg_scale)."""
-        if not model.denoiser.config.guidance_embeds:
+        if not self.embeds_guidance(model):
             return super().guided(model, x_t, t, cond, uncond, guidance_scale)
         scale = torch.full((len(cond),), float(guidance_scale), device=x_t.device)
         return model(x_t, t, Conditioning(cond.hidden_states, cond.attention_mask, {**cond.added, "guidance": scale}))
