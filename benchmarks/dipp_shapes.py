@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from prefalign.config import deep_merge, resolve_config
+from prefalign.diffusion.one_step import load_generator, one_step_source
 from prefalign.io import atomic_save, atomic_write_text
 from prefalign.rewards.registry import load as load_reward
 from prefalign.runs import start_run
@@ -34,7 +35,6 @@ from prefalign.shapes.oracle import oracle
 from prefalign.shapes.prompts import prompt_set
 from prefalign.stats import bootstrap_ci
 from prefalign.train import dipp
-from prefalign.train.one_step import load_generator, one_step_source
 
 
 def train_generators(args, out: Path) -> dict[float, dict]:

@@ -22,13 +22,13 @@ from PIL import Image, ImageDraw, ImageFont
 from prefalign.bench.generators import resolve_generator, sampler_nfe, source_generator
 from prefalign.bench.harness import BENCH_DEFAULTS, run_bench
 from prefalign.bench.suites import suite_from_prompts
+from prefalign.diffusion.one_step import one_step_source
 from prefalign.errors import PrefalignError
 from prefalign.io import atomic_path
 from prefalign.shapes.generators import ImageSource, model_source
 from prefalign.shapes.prompts import prompt_set
 from prefalign.shapes.teacher import load_teacher
 from prefalign.train.adapters import load_adapted_teacher
-from prefalign.train.one_step import one_step_source
 
 DEMO_DEFAULTS: dict = {
     "seed": 0,

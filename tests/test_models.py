@@ -8,13 +8,14 @@ import shutil
 import pytest
 import torch
 
-from prefalign.diffusion.models import FAMILIES, Conditioning, DiffusionModel, scheduler_settings
+from prefalign.diffusion.models import Conditioning, DiffusionModel, scheduler_settings
 from prefalign.diffusion.sampling import ddim_sample
 from prefalign.diffusion.schedules import NoiseSchedule
 from prefalign.diffusion.tiny import clip_tokenizer, save_tiny_pipeline, tiny_pipeline
 from prefalign.errors import PrefalignError
 
 SIZE = 8  # x_t is [C, 8, 8]; VAE families decode to 16×16 images
+FAMILIES = ("sd", "sdxl", "pixart", "pixel")  # the VP families; SD3 and FLUX: tests/test_flow_models.py
 PROMPTS = ["a red circle on a blue square", "two green triangles"]
 
 

@@ -15,12 +15,12 @@ from prefalign.cli import app
 from prefalign.config import deep_merge
 from prefalign.demo import DemoContext
 from prefalign.diffusion.models import DiffusionModel
+from prefalign.diffusion.one_step import load_generator, one_step_source, one_step_x0
 from prefalign.diffusion.schedules import NoiseSchedule, predicted_x0_eps
 from prefalign.diffusion.tiny import save_tiny_pipeline, tiny_pipeline
 from prefalign.errors import PrefalignError
 from prefalign.runs import start_run
 from prefalign.train import dipp
-from prefalign.train.one_step import load_generator, one_step_source, one_step_x0
 from prefalign.train.policy import Policy
 
 runner = CliRunner()

@@ -175,7 +175,9 @@ def _overrides(pipelines, scorer_dir, family="pixel", rounds=2, **extra):
         "sample.steps": 4, "sample.batch_size": 2, "sample.pool_size": 2, "sample.threshold": -1.0,
         "sample.guidance": 3.0, "train.rounds": rounds, "train.batch_size": 4, "train.lr": 1e-3,
         "train.checkpoint_every": 1, "eval.every": 1, "eval.num_prompts": 2, "eval.steps": 2, "eval.guidance": 3.0,
-        "eval.rewards": "[shapes-oracle]", **extra,
+        "eval.rewards": "[shapes-oracle]",
+        "sample.timestep_range": "[0,750]",  # the pair/compute accounting below branches x_t at 501, 251 and 1
+        **extra,
     }
     return [f"{k}={v}" for k, v in values.items()]
 
@@ -209,6 +211,16 @@ def test_train_on_sd15_and_sdxl_structures(tmp_path, pipelines, scorer_dir, fami
     assert metrics["compute"].tolist() == [24 + 12 + 3 * 12]
     assert evals["step"].tolist() == [0, 1] and evals["compute"].tolist() == [0, 72]
     assert (tmp_path / "eval.png").is_file() and (tmp_path / "metrics.png").is_file()
+
+
+def test_default_range_branches_16_of_20_sd15_steps():
+    """SPO's official SD1.5 grid (20 DDIM steps, steps_offset 1) branches x_t at t ≤ 751: 16 steps."""
+    from prefalign.diffusion.sampling import ddim_timesteps
+    from prefalign.train import spo
+
+    low, high = spo.DEFAULTS["sample"]["timestep_range"]
+    steps = ddim_timesteps(20, 1000, "leading", steps_offset=1)
+    assert sum(low <= t <= high for t in steps) == 16 and max(t for t in steps if t <= high) == 751
 
 
 def test_resume_continues_exactly(tmp_path, pipelines, scorer_dir):

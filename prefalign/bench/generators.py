@@ -5,6 +5,9 @@ Spec: `KIND[:TARGET][?key=value&key=value]`, or a mapping `{"spec": ..., key: va
 - `shapes-ideal`, `shapes-web` — the shapes world's references: ideal renders and web (pretraining) data.
 - `diffusers:DIR_OR_HUB_ID` — any diffusers SD/SDXL/PixArt pipeline (or pixel-space prefalign pipeline),
   sampled with prefalign's DDIM + CFG (`prefalign.diffusion.generate.sample_images`); no safety checker.
+- `pipeline:DIR_OR_HUB_ID` — any diffusers pipeline run by its own `__call__`, with its own scheduler and
+  defaults (SD3, FLUX, SANA, SDXL-Turbo, LCM … as their authors run them), one seeded CPU `torch.Generator` per
+  image and no safety checker; only the options given (steps, cfg, negative, resolution) are passed on.
 - a bare directory holding `model_index.json` — a prefalign run directory that saved a pipeline.
 - `one-step:RUN_DIR` — a one-step generator trained by `prefalign align --method dipp` (one denoiser
   evaluation per image; options dtype, batch). A bare directory holding one (`one_step.json` in it or in its
@@ -27,9 +30,10 @@ from urllib.parse import parse_qsl
 import torch
 
 from prefalign import __version__
+from prefalign.diffusion.generate import ImageSource
 from prefalign.diffusion.hub import resolve_pipeline_dir
+from prefalign.diffusion.one_step import META_FILE, generator_dir, load_generator, one_step_source
 from prefalign.errors import PrefalignError
-from prefalign.shapes.generators import ImageSource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Each diffusers pipeline's __call__ defaults (num_inference_steps, guidance_scale); pixel: shapes teacher.
@@ -39,7 +43,11 @@ PIPELINE_DEFAULTS = {
     "PixArtAlphaPipeline": (20, 4.5),
     "PixArtSigmaPipeline": (20, 4.5),
     "PrefalignPixelPipeline": (25, 3.0),
+    "StableDiffusion3Pipeline": (28, 7.0),
+    "FluxPipeline": (28, 3.5),
 }
+# Pipelines whose guidance is a network input (guidance-distilled FLUX.1-dev), not a second CFG forward.
+GUIDANCE_EMBEDDED = ("FluxPipeline",)
 SAMPLER_OPTIONS: dict[str, type] = {
     "steps": int,
     "cfg": float,
@@ -102,8 +110,6 @@ def parse_spec(spec: str | Mapping[str, Any]) -> tuple[str, str | None, dict[str
         return text, None, options, label
     path = Path(text).expanduser()
     if path.is_dir():
-        from prefalign.train.one_step import generator_dir
-
         return ("one-step" if generator_dir(path) else "diffusers"), str(path), options, label
     kinds = ", ".join(generator_kinds())
     raise PrefalignError(
@@ -143,9 +149,10 @@ def source_generator(
     return BenchGenerator(label, settings, nfe, lambda device: source, fingerprint)
 
 
-def sampler_nfe(steps: int, cfg: float) -> int:
-    """Denoiser evaluations per image of DDIM with CFG: the [uncond; cond] batch counts as two."""
-    return steps * (1 if cfg == 1 else 2)
+def sampler_nfe(steps: int, cfg: float, pipeline: str | None = None) -> int:
+    """Denoiser evaluations per image with CFG: the [uncond; cond] batch counts as two (one for pipelines
+    whose guidance is embedded)."""
+    return steps * (1 if cfg == 1 or pipeline in GUIDANCE_EMBEDDED else 2)
 
 
 def _options(kind: str, options: Mapping[str, Any], allowed: Mapping[str, type], defaults: Mapping) -> dict:
@@ -196,14 +203,26 @@ def _default_resolution(root: Path, index: Mapping[str, Any]) -> int | None:
     return None
 
 
-def _pipeline_generator(kind: str, root: Path, options: Mapping[str, Any]) -> BenchGenerator:
-    """DDIM + CFG sampling of a diffusers-layout pipeline directory through `DiffusionModel`."""
+def _read_index(root: Path) -> dict:
     try:
-        index = json.loads((root / "model_index.json").read_text())
+        return json.loads((root / "model_index.json").read_text())
     except (OSError, ValueError) as err:
         raise PrefalignError(
             f"{root / 'model_index.json'}: unreadable ({err}); re-save the pipeline"
         ) from None
+
+
+def _sampler_name(root: Path) -> str:
+    """prefalign's sampler for the directory's schedule: Euler for rectified flow, DDIM for VP."""
+    config_path = root / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    flow = config.get("_class_name") == "FlowMatchEulerDiscreteScheduler" or config.get("use_flow_sigmas")
+    return "euler" if flow else "ddim"
+
+
+def _pipeline_generator(kind: str, root: Path, options: Mapping[str, Any]) -> BenchGenerator:
+    """DDIM / Euler + CFG sampling of a diffusers-layout pipeline directory through `DiffusionModel`."""
+    index = _read_index(root)
     steps, cfg = PIPELINE_DEFAULTS.get(index.get("_class_name"), (50, 7.5))
     defaults = {
         "steps": steps,
@@ -219,7 +238,7 @@ def _pipeline_generator(kind: str, root: Path, options: Mapping[str, Any]) -> Be
         "kind": kind,
         "model": str(root),
         "pipeline": index.get("_class_name"),
-        "sampler": "ddim",
+        "sampler": _sampler_name(root),
         **opts,
     }
 
@@ -242,9 +261,47 @@ def _pipeline_generator(kind: str, root: Path, options: Mapping[str, Any]) -> Be
 
         return generate
 
-    return BenchGenerator(
-        kind, settings, sampler_nfe(opts["steps"], opts["cfg"]), build, dir_fingerprint(root)
-    )
+    nfe = sampler_nfe(opts["steps"], opts["cfg"], index.get("_class_name"))
+    return BenchGenerator(kind, settings, nfe, build, dir_fingerprint(root))
+
+
+NATIVE_OPTIONS: dict[str, type] = {"steps": int, "cfg": float, "negative": str, "resolution": int, "dtype": str}
+
+
+def _native_pipeline(target: str | None, options: dict[str, Any]) -> BenchGenerator:
+    """A diffusers pipeline called through its own `__call__`: its scheduler, sampler and defaults."""
+    if not target:
+        raise PrefalignError("generator pipeline: name a pipeline, e.g. pipeline:DIR or pipeline:OWNER/NAME")
+    root = resolve_pipeline_dir(target).resolve()
+    index = _read_index(root)
+    defaults = {"steps": None, "cfg": None, "negative": None, "resolution": None, "dtype": "float32"}
+    opts = _options("pipeline", options, NATIVE_OPTIONS, defaults)
+    pipeline = index.get("_class_name")
+    settings = {"kind": "pipeline", "model": str(root), "pipeline": pipeline, "sampler": "pipeline", **opts}
+    steps, cfg = PIPELINE_DEFAULTS.get(pipeline, (None, None))
+    steps, cfg = opts["steps"] or steps, opts["cfg"] if opts["cfg"] is not None else cfg
+    nfe = sampler_nfe(steps, cfg, pipeline) if steps is not None and cfg is not None else None
+    call_kwargs = {name: opts[key] for key, name in (
+        ("steps", "num_inference_steps"), ("cfg", "guidance_scale"), ("negative", "negative_prompt"),
+        ("resolution", "height"), ("resolution", "width")) if opts[key] is not None}
+
+    def build(device: torch.device) -> ImageSource:
+        from diffusers import DiffusionPipeline
+
+        # Pipelines with a safety checker get none (prefalign scores raw images); others take no such kwarg.
+        unchecked = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+        pipe = DiffusionPipeline.from_pretrained(root, torch_dtype=DTYPES[opts["dtype"]], **unchecked).to(device)
+        pipe.set_progress_bar_config(disable=True)
+
+        def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
+            generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+            with torch.no_grad():
+                images = pipe(prompt=list(prompts), generator=generators, output_type="pt", **call_kwargs).images
+            return images.float().cpu()
+
+        return generate
+
+    return BenchGenerator("pipeline", settings, nfe, build, dir_fingerprint(root))
 
 
 def _diffusers(target: str | None, options: dict[str, Any]) -> BenchGenerator:
@@ -281,9 +338,22 @@ def _reference(kind: str, source_name: str) -> GeneratorFactory:
 
 
 def _one_step(target: str | None, options: dict[str, Any]) -> BenchGenerator:
-    from prefalign.train.one_step import bench_generator
+    """`one-step:RUN_DIR[?dtype=float32&batch=64]`: a generator trained by `prefalign align --method dipp`."""
+    root = generator_dir(target) if target else None
+    if root is None:
+        raise PrefalignError(
+            f"generator one-step: no one-step generator at {target} ({META_FILE} missing); "
+            "pass the run directory of `prefalign align --method dipp`"
+        )
+    opts = _options("one-step", options, {"dtype": str, "batch": int}, {"dtype": "float32", "batch": 64})
+    meta = json.loads((root / META_FILE).read_text())
+    settings = {"kind": "one-step", "model": str(root), "t_init": meta["t_init"], "sampler": "one-step", **opts}
 
-    return bench_generator(target, options)
+    def build(device: torch.device) -> ImageSource:
+        model, _ = load_generator(root, device, DTYPES[opts["dtype"]])
+        return one_step_source(model, meta["t_init"], opts["batch"])
+
+    return BenchGenerator("one-step", settings, 1, build, dir_fingerprint(root))
 
 
 _KINDS: dict[str, GeneratorFactory] = {
@@ -291,5 +361,6 @@ _KINDS: dict[str, GeneratorFactory] = {
     "shapes-ideal": _reference("shapes-ideal", "ideal_renders"),
     "shapes-web": _reference("shapes-web", "web_data_images"),
     "diffusers": _diffusers,
+    "pipeline": _native_pipeline,
     "one-step": _one_step,
 }

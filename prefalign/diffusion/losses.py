@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prefalign.diffusion.schedules import NoiseSchedule, training_target
+from prefalign.diffusion.schedules import Schedule, training_target
 from prefalign.diffusion.weighting import loss_weight
 
 
@@ -18,14 +18,14 @@ def denoising_loss(
     x0: torch.Tensor,
     noise: torch.Tensor,
     t: torch.Tensor,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     prediction_type: str = "epsilon",
     weighting: str = "uniform",
     snr_gamma: float = 5.0,
 ) -> torch.Tensor:
     """Weighted denoising score-matching loss per sample (DDPM L_simple, Ho et al. 2020 Eq. 14, generalised).
 
-    w(t)·‖f_θ(x_t, t) − target‖², target ∈ {ε, x_0, v} by `prediction_type`, w from `weighting`
+    w(t)·‖f_θ(x_t, t) − target‖², target ∈ {ε, x_0, v, flow velocity ε − x_0} by `prediction_type`, w from `weighting`
     (uniform | snr | min_snr with γ = `snr_gamma`). Returns [B]; the caller takes the mean.
     """
     alpha, sigma = schedule.alpha_sigma(t, like=x0)

@@ -1,10 +1,10 @@
-"""Training-timestep samplers, mapped onto the model's own schedule.
+"""Training-timestep samplers, mapped onto the model's own schedule (VP or rectified flow).
 
 - `uniform`: t ~ U{0..T−1} (DDPM Algorithm 1).
 - `logit-normal`: t/T = sigmoid(m + s·n), n ~ N(0, 1) (Esser et al. 2024, SD3 §3.1).
 - `laplace` / `cauchy`: importance sampling of logSNR λ (Hang et al. 2024, "Improved Noise Schedule for
   Diffusion Training"): λ is drawn from a Laplace(μ, b) or Cauchy(μ, γ) density by its inverse CDF and mapped to
-  the timestep whose λ_t matches, so training concentrates around λ ≈ μ.
+  the timestep whose λ_t matches, so training concentrates around λ ≈ μ. For rectified flow λ = 2·log((1−σ)/σ).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prefalign.diffusion.schedules import NoiseSchedule
+from prefalign.diffusion.schedules import Schedule
 from prefalign.errors import PrefalignError
 
 TIMESTEP_SAMPLERS = ("uniform", "logit-normal", "laplace", "cauchy")
@@ -71,20 +71,19 @@ class TimestepSampler:
     def __call__(
         self,
         n: int,
-        schedule: NoiseSchedule,
+        schedule: Schedule,
         generator: torch.Generator | None = None,
         discrete: bool = True,
         device: torch.device | str = "cpu",
     ) -> torch.Tensor:
-        """n timesteps on `schedule`'s axis: integers in [0, T−1], or floats with `discrete=False`."""
-        T = schedule.num_timesteps
+        """n timesteps on `schedule`'s axis: VP integers in [0, T−1] (floats with `discrete=False`), or flow
+        t = σ·T on the training table (any σ with `discrete=False`)."""
         if self.kind in ("laplace", "cauchy"):
             t = schedule.timesteps_from_log_snr(self.sample_log_snr(n, generator), discrete=discrete)
             return t.to(device)
         if self.kind == "uniform":
             u = torch.rand(n, generator=generator, dtype=torch.float64)
-        else:  # logit-normal
+        else:  # logit-normal: the noise fraction u (σ before the shift, for flow) is sigmoid(m + s·n)
             normal = torch.randn(n, generator=generator, dtype=torch.float64)
             u = torch.sigmoid(self.loc + self.resolved_scale * normal)
-        t = (u * T).floor().clamp(max=T - 1).long() if discrete else u * (T - 1)
-        return t.to(device)
+        return schedule.timesteps_from_fraction(u, discrete).to(device)

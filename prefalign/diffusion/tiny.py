@@ -1,7 +1,7 @@
 """Tiny random-weight pipelines of the real architectures, built fully offline (tests, CPU smoke runs).
 
 Every family uses the real diffusers/transformers classes (UNet2DConditionModel, PixArtTransformer2DModel,
-AutoencoderKL, CLIPTextModel(WithProjection), T5EncoderModel) with widths small enough for a 2-core CPU, and
+SD3Transformer2DModel, FluxTransformer2DModel, AutoencoderKL, CLIPTextModel(WithProjection), T5EncoderModel) with widths small enough for a 2-core CPU, and
 the real CLIP BPE vocabulary that ships inside open_clip, so tokenisation matches the released models.
 """
 
@@ -14,7 +14,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -41,6 +47,12 @@ SD_SCHEDULER = {
     "steps_offset": 1,
     "clip_sample": False,
     "timestep_spacing": "leading",
+}
+# SD3.5-Medium's scheduler (static shift 3) and FLUX.1-dev's (resolution-dependent shift).
+SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+FLUX_SCHEDULER = {
+    **SD3_SCHEDULER, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+    "base_image_seq_len": 256, "max_image_seq_len": 4096,
 }
 # PixArt-α and DDPM-style pixel models train on the linear 1e-4..0.02 schedule (DDPM Ho et al. 2020, §4).
 LINEAR_SCHEDULER = {**SD_SCHEDULER, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
@@ -109,7 +121,26 @@ def _clip_text(hidden: int, projection: bool, seed: int) -> CLIPTextModel | CLIP
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
-def _vae(scaling_factor: float, seed: int, sample_size: int) -> AutoencoderKL:
+def _t5(width: int, seed: int) -> T5EncoderModel:
+    """A two-layer T5 encoder over the CLIP vocabulary (no T5 sentencepiece model ships offline)."""
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=CLIP_VOCAB_SIZE,
+        d_model=width,
+        d_kv=8,
+        d_ff=2 * width,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        pad_token_id=49407,
+        eos_token_id=49407,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def _vae(scaling_factor: float, seed: int, sample_size: int, shift_factor: float | None = None) -> AutoencoderKL:
     """Two-level KL autoencoder: 3 → 4 latent channels, downsampling ×2 (the real ones use ×8)."""
     torch.manual_seed(seed)
     return AutoencoderKL(
@@ -120,7 +151,45 @@ def _vae(scaling_factor: float, seed: int, sample_size: int) -> AutoencoderKL:
         norm_num_groups=4,
         sample_size=2 * sample_size,
         scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
     ).eval()
+
+
+def _tiny_sd3(seed: int, sample_size: int) -> DiffusionModel:
+    """CLIP-L-like (hidden 32, projection 16) + CLIP-G-like (48, 24) + T5 (96): context 80 → zero-padded to 96,
+    pooled 16 + 24 = 40; SD3Transformer2DModel with one joint block; SD3's VAE factors 1.5305 / 0.0609."""
+    torch.manual_seed(seed + 3)
+    denoiser = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=96, caption_projection_dim=16, pooled_projection_dim=40,
+        pos_embed_max_size=sample_size,
+    )
+    return DiffusionModel(
+        denoiser, *scheduler_settings(SD3_SCHEDULER),
+        text_encoders=[_clip_text(32, True, seed), _clip_text(48, True, seed + 1), _t5(96, seed + 2)],
+        tokenizers=[clip_tokenizer(), clip_tokenizer(), clip_tokenizer()],
+        vae=_vae(1.5305, seed + 4, sample_size, shift_factor=0.0609), family="sd3",
+        scheduler_config=dict(SD3_SCHEDULER),
+    )
+
+
+def _tiny_flux(seed: int, sample_size: int) -> DiffusionModel:
+    """CLIP (hidden 32, pooled 32) + T5 (48); FluxTransformer2DModel with one double and one single block on
+    2×2-packed 4-channel latents (in_channels 16), RoPE axes (4, 6, 6), guidance embedding (FLUX.1-dev style);
+    FLUX's VAE factors 0.3611 / 0.1159 and its resolution-dependent shift."""
+    torch.manual_seed(seed + 2)
+    denoiser = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=48, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    return DiffusionModel(
+        denoiser, *scheduler_settings(FLUX_SCHEDULER),
+        text_encoders=[_clip_text(32, False, seed), _t5(48, seed + 1)],
+        tokenizers=[clip_tokenizer(), clip_tokenizer()],
+        vae=_vae(0.3611, seed + 3, sample_size, shift_factor=0.1159), family="flux",
+        sample_size=sample_size, scheduler_config=dict(FLUX_SCHEDULER),
+    )
 
 
 def _unet(in_channels: int, sample_size: int, cross_dim: int, seed: int, **extra) -> UNet2DConditionModel:
@@ -152,25 +221,17 @@ def tiny_pipeline(family: str = "sd", seed: int = 0, sample_size: int = 32) -> D
       T5 encoder with the CLIP tokenizer (model_max_length 120) because no T5 sentencepiece model ships
       offline.
     - pixel: CLIP text encoder + a 3-channel pixel-space UNet, no VAE (the shapes-world teacher's layout).
+    - sd3 / flux: rectified-flow transformers with their text encoders (`_tiny_sd3`, `_tiny_flux`). FLUX has no
+      sample_size in its config: a reloaded one takes FluxPipeline's default (128).
     """
     if family not in FAMILIES:
         raise PrefalignError(f"unknown model family '{family}'; use one of {', '.join(FAMILIES)}")
+    if family == "sd3":
+        return _tiny_sd3(seed, sample_size)
+    if family == "flux":
+        return _tiny_flux(seed, sample_size)
     if family == "pixart":
-        torch.manual_seed(seed)
-        t5 = T5Config(
-            vocab_size=CLIP_VOCAB_SIZE,
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",
-            is_encoder_decoder=False,
-            pad_token_id=49407,
-            eos_token_id=49407,
-        )
-        text_encoder = T5EncoderModel(t5).eval()
+        text_encoder = _t5(32, seed)
         torch.manual_seed(seed + 1)
         denoiser = PixArtTransformer2DModel(
             sample_size=sample_size,

@@ -1,7 +1,8 @@
 """Per-timestep loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy").
 
 A scheme is defined by its weight on the x_0-space loss ‖x_0 − x̂_0‖² and converted to the space the network
-predicts in, using ‖ε − ε̂‖² = SNR·‖x_0 − x̂_0‖² and ‖v − v̂‖² = (SNR + 1)·‖x_0 − x̂_0‖²:
+predicts in, using ‖ε − ε̂‖² = SNR·‖x_0 − x̂_0‖², ‖v − v̂‖² = (SNR + 1)·‖x_0 − x̂_0‖² (VP) and, for the
+rectified-flow velocity u = ε − x_0, ‖u − û‖² = ‖x_0 − x̂_0‖²/σ² with σ = 1/(1 + √SNR), SNR = ((1 − σ)/σ)²:
 - `uniform`: weight 1 on the prediction's own loss (plain ε/v/x_0 MSE).
 - `snr`: x_0-space weight SNR(t), i.e. the ε-MSE of DDPM's simplified loss, expressed for any target.
 - `min_snr`: x_0-space weight min(SNR(t), γ), hence min(SNR, γ)/SNR for ε and
@@ -24,7 +25,11 @@ def _x0_to_target_space(x0_weight: torch.Tensor, snr: torch.Tensor, prediction_t
         return x0_weight / snr
     if prediction_type == "v_prediction":
         return x0_weight / (snr + 1)
-    raise PrefalignError(f"unknown prediction_type '{prediction_type}'; use epsilon, sample or v_prediction")
+    if prediction_type == "flow_prediction":
+        return x0_weight / (1 + snr.sqrt()) ** 2
+    raise PrefalignError(
+        f"unknown prediction_type '{prediction_type}'; use epsilon, sample, v_prediction or flow_prediction"
+    )
 
 
 def loss_weight(

@@ -23,16 +23,13 @@ def predict_x0_images(
     model: Any, x_t: torch.Tensor, t: torch.Tensor | int, prompts: Sequence[str], guidance: float
 ) -> torch.Tensor:
     """SPO's SPM input (`spm_task.py::get_noised_imgs`): the base model's one-step x̂0 from x_t with CFG
-    (`DiffusionModel.guided`, "" unconditional), decoded to images in [0, 1]. x̂0 per `predicted_x0_eps`."""
-    from prefalign.diffusion.schedules import predicted_x0_eps
-
+    (`DiffusionModel.predict_x0`, "" unconditional), decoded to images in [0, 1]."""
     x_t = x_t.to(model.device, model.dtype)
-    t = torch.as_tensor(t, device=x_t.device).long()
+    t = torch.as_tensor(t, device=x_t.device)
+    t = t.long() if model.schedule.kind == "vp" else t
     t = t.expand(len(x_t)) if t.ndim == 0 else t
-    out = model.guided(x_t, t, model.encode_prompts(list(prompts)), model.encode_prompts([""]), guidance)
-    alpha, sigma = model.schedule.alpha_sigma(t, like=x_t)
-    x0, _ = predicted_x0_eps(out, x_t, alpha, sigma, model.prediction_type)
-    return model.decode(x0)
+    cond, uncond = model.encode_prompts(list(prompts)), model.encode_prompts([""])
+    return model.decode(model.predict_x0(x_t, t, cond, uncond, guidance)[0])
 
 
 class ScorerReward(ClipLikeReward):
@@ -83,10 +80,10 @@ class StepAwareReward(ScorerReward):
         """`score_x0` of the base model's decoded one-step x̂0 from x_t (base model, CFG scale: meta)."""
         prompts = self._check_batch(len(x_t), prompts)
         if self._base is None or isinstance(self._base, str):
-            from prefalign.train.policy import load_base_model
+            from prefalign.diffusion.models import load_model
 
             spec = self._base if isinstance(self._base, str) else self.scorer.meta.get("base_model")
-            object.__setattr__(self, "_base", load_base_model(spec, self.device))
+            object.__setattr__(self, "_base", load_model(spec, self.device))
         if self.guidance is None:
             raise PrefalignError(
                 "this scorer records no guidance scale (meta 'guidance'); pass the option guidance=SCALE"

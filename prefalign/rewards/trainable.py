@@ -404,7 +404,7 @@ def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 def save_scorer(scorer: PreferenceScorer, out_dir: str | Path, meta: dict | None = None) -> Path:
     """Write config.json + model.safetensors (+ processor/ for hf-clip) into `out_dir`; config.json last, so
     a directory with it is complete. `meta` (JSON-serialisable) keys read back by the step-aware reward:
-    "base_model" (spec for prefalign.train.policy.load_base_model) and "guidance" (its CFG scale)."""
+    "base_model" (spec for prefalign.diffusion.models.load_model) and "guidance" (its CFG scale)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = merged_state_dict(scorer)

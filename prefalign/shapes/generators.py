@@ -6,20 +6,19 @@ data (what the teacher was pretrained on).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from prefalign.diffusion.generate import sample_images
+from prefalign.diffusion.generate import ImageSource, sample_images
 from prefalign.diffusion.models import DiffusionModel
 from prefalign.shapes.grammar import parse_prompt
 from prefalign.shapes.render import render
 from prefalign.shapes.teacher import load_teacher
 from prefalign.shapes.webdata import sample_web_example
 
-ImageSource = Callable[[list[str], list[int]], torch.Tensor]
+__all__ = ["ImageSource", "ideal_renders", "model_source", "teacher_source", "web_data_images"]
 
 
 def ideal_renders(prompts: list[str], seeds: list[int]) -> torch.Tensor:

@@ -17,11 +17,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from prefalign.diffusion.models import DiffusionModel
+from prefalign.diffusion.one_step import GENERATOR_DIR
+from prefalign.diffusion.one_step import META_FILE as ONE_STEP_META
 from prefalign.errors import PrefalignError
 from prefalign.io import atomic_save, atomic_write_text
 from prefalign.shapes.teacher import load_teacher
-from prefalign.train.one_step import GENERATOR_DIR
-from prefalign.train.one_step import META_FILE as ONE_STEP_META
 from prefalign.train.policy import Policy
 
 ADAPTER_FILE, META_FILE = "adapter.safetensors", "adapter.json"

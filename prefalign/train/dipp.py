@@ -5,7 +5,7 @@ docs/dipp.md. No official DI++ code exists; conventions follow the official Diff
 (pkulwj1994/diff_instruct `training/di_loss.py`): TA update first, then the generator; Adam β = (0, 0.999).
 
 One iteration, prompts c, z ~ N(0, I):
-1. x_0 = g_θ(z, c) (prefalign/train/one_step.py).
+1. x_0 = g_θ(z, c) (prefalign/diffusion/one_step.py).
 2. K_TA rounds of denoising score matching of the TA s_ψ on sg[x_0] (weighting λ(t)).
 3. t ~ π(t) = U{t_min..t_max}, x_t = α_t x_0 + σ_t ε, and the generator loss
    L_G = −α_rew·r(x_0, c) + w(t)·sg[s_ψ(x_t, t, c) − s̃_ref(x_t, t, c)]ᵀ x_t,
@@ -23,9 +23,16 @@ from pathlib import Path
 import torch
 
 from prefalign.config import deep_merge
+from prefalign.diffusion.conversions import predicted_x0_eps, score_from_eps
 from prefalign.diffusion.losses import denoising_loss
 from prefalign.diffusion.models import Conditioning, DiffusionModel
-from prefalign.diffusion.schedules import predicted_x0_eps
+from prefalign.diffusion.one_step import (
+    GENERATOR_DIR,
+    load_generator,
+    one_step_source,
+    one_step_x0,
+    write_meta,
+)
 from prefalign.errors import PrefalignError
 from prefalign.progress import track
 from prefalign.rewards.registry import load as load_reward
@@ -40,7 +47,6 @@ from prefalign.train.common import (
     plot_metrics,
     reward_table,
 )
-from prefalign.train.one_step import GENERATOR_DIR, load_generator, one_step_source, one_step_x0, write_meta
 from prefalign.train.policy import DEFAULT_LORA_TARGETS, Policy, load_base_model
 
 IKL_WEIGHTINGS = ("x0", "dmd")
@@ -83,7 +89,7 @@ def model_score(
     """(score, x̂_0) of a network output: ∇ log p_t(x_t) ≈ −ε̂/σ_t = (α_t x̂_0 − x_t)/σ_t² (Tweedie's formula;
     docs/dipp.md Eq. 2), for ε-, v- or x_0-prediction."""
     x0_hat, eps_hat = predicted_x0_eps(output.to(x_t.dtype), x_t, alpha, sigma, prediction_type)
-    return -eps_hat / sigma, x0_hat
+    return score_from_eps(eps_hat, sigma), x0_hat
 
 
 def ikl_weight(kind: str, alpha: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor, x0_ref: torch.Tensor

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from prefalign.config import deep_merge
+from prefalign.diffusion.conversions import convert
 from prefalign.diffusion.losses import denoising_loss
-from prefalign.diffusion.schedules import predicted_x0_eps
 from prefalign.diffusion.timesteps import TimestepSampler
 from prefalign.errors import PrefalignError
 from prefalign.progress import track
@@ -134,7 +134,7 @@ def prediction_error(
     prediction_type = model.prediction_type
     if space == "epsilon" and prediction_type != "epsilon":
         alpha, sigma = model.schedule.alpha_sigma(t, like=x_t)
-        output, prediction_type = predicted_x0_eps(output, x_t, alpha, sigma, prediction_type)[1], "epsilon"
+        output, prediction_type = convert(output, x_t, alpha, sigma, prediction_type, "epsilon"), "epsilon"
     elif space not in ("native", "epsilon"):
         raise PrefalignError(f"loss.space '{space}' unknown; use native or epsilon")
     return denoising_loss(output, x0, noise, t, model.schedule, prediction_type, weighting, snr_gamma)

@@ -15,21 +15,11 @@ from pathlib import Path
 import torch
 
 from prefalign.diffusion.models import Conditioning, DiffusionModel
-from prefalign.diffusion.sampling import cfg_combine
+from prefalign.diffusion.models import load_model as load_base_model
 from prefalign.errors import PrefalignError
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def load_base_model(spec: str | None, device: torch.device | str = "cpu") -> DiffusionModel:
-    """None or "shapes-teacher" → the shipped shapes teacher; a pipeline directory → `DiffusionModel`."""
-    from prefalign.shapes.teacher import load_teacher
-
-    if spec in (None, "", "shapes-teacher"):
-        return load_teacher(device=device)
-    if spec.startswith("shapes-teacher:"):
-        return load_teacher(spec.split(":", 1)[1], device=device)
-    return DiffusionModel.from_pretrained(spec, device=device)
+__all__ = ["DEFAULT_LORA_TARGETS", "Policy", "evaluation_weights", "load_base_model"]
 
 
 class Policy:
@@ -49,9 +39,11 @@ class Policy:
             raise PrefalignError("policy.reference=adapter needs LoRA (policy.lora_rank > 0); use reference=copy")
         self.model, self.lora_rank, self.reference_mode = model, lora_rank, reference
         model.denoiser.float()  # master weights in fp32; autocast handles mixed precision
-        self._reference_denoiser = None
+        # The reference is a second denoiser sharing the text encoders and VAE: a frozen copy, or (adapter) the
+        # same network, run with its LoRA adapters disabled.
+        self.reference_model: DiffusionModel | None = None
         if reference == "copy":
-            self._reference_denoiser = copy.deepcopy(model.denoiser).requires_grad_(False).eval()
+            self.reference_model = model.with_denoiser(copy.deepcopy(model.denoiser).requires_grad_(False).eval())
         if lora_rank:
             from peft import LoraConfig
 
@@ -63,6 +55,8 @@ class Policy:
         else:
             model.denoiser.requires_grad_(True)
         self._unwrapped = model.denoiser
+        if reference == "adapter":
+            self.reference_model = model.with_denoiser(self._unwrapped)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self._unwrapped.parameters() if p.requires_grad]
@@ -72,35 +66,30 @@ class Policy:
         self.model.denoiser, optimizer = accelerator.prepare(self._unwrapped, optimizer)
         return optimizer
 
+    @contextlib.contextmanager
+    def _reference(self) -> Iterator[DiffusionModel]:
+        if self.reference_model is None:
+            raise PrefalignError("this policy was built with reference=none; use policy.reference=copy or adapter")
+        if self.reference_mode == "adapter":
+            self._unwrapped.disable_adapters()
+        try:
+            yield self.reference_model
+        finally:
+            if self.reference_mode == "adapter":
+                self._unwrapped.enable_adapters()
+
     @torch.no_grad()
     def reference(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: Conditioning) -> torch.Tensor:
         """Reference network output, without gradients."""
-        if self.reference_mode == "none":
-            raise PrefalignError("this policy was built with reference=none; use policy.reference=copy or adapter")
-        wrapped = self.model.denoiser
-        try:
-            if self._reference_denoiser is not None:
-                self.model.denoiser = self._reference_denoiser
-            else:
-                self._unwrapped.disable_adapters()
-                self.model.denoiser = self._unwrapped
-            return self.model(x_t, t, cond)
-        finally:
-            if self._reference_denoiser is None:
-                self._unwrapped.enable_adapters()
-            self.model.denoiser = wrapped
+        with self._reference() as reference:
+            return reference(x_t, t, cond)
 
+    @torch.no_grad()
     def reference_guided(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: Conditioning, uncond: Conditioning,
                          guidance_scale: float) -> torch.Tensor:
-        """Classifier-free guided reference output (one batched forward, as `DiffusionModel.guided`)."""
-        if guidance_scale == 1:
-            return self.reference(x_t, t, cond)
-        if len(uncond) == 1 and len(cond) > 1:
-            uncond = uncond.repeat_interleave(len(cond))
-        t = torch.as_tensor(t, device=x_t.device)
-        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
-        out_uncond, out_cond = self.reference(torch.cat([x_t, x_t]), torch.cat([t, t]), uncond.cat(cond)).chunk(2)
-        return cfg_combine(out_cond, out_uncond, guidance_scale)
+        """Classifier-free guided reference output (`DiffusionModel.guided` of the reference), without gradients."""
+        with self._reference() as reference:
+            return reference.guided(x_t, t, cond, uncond, guidance_scale)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         names = {id(p): n for n, p in self._unwrapped.named_parameters()}
@@ -127,14 +116,10 @@ class Policy:
     def save_pretrained(self, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
         """The policy as a pipeline directory (LoRA merged), loadable with `DiffusionModel.from_pretrained` and the
         bench generators (`shapes-teacher:DIR`, `diffusers:DIR`)."""
-        merged, wrapped = self.merged_denoiser(), self.model.denoiser
+        merged = self.merged_denoiser()
         if dtype is not None:
             merged.to(dtype)
-        try:  # swap the merged network in for the save only; text encoders and VAE are shared, not copied
-            self.model.denoiser = merged
-            self.model.save_pretrained(out_dir)
-        finally:
-            self.model.denoiser = wrapped
+        self.model.with_denoiser(merged).save_pretrained(out_dir)  # text encoders and VAE shared, not copied
         return Path(out_dir)
 
 

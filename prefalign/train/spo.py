@@ -48,9 +48,9 @@ DEFAULTS: dict = {
     "policy": {"lora_rank": 4, "lora_alpha": None, "lora_targets": list(DEFAULT_LORA_TARGETS),
                "reference": "copy"},
     "data": {"prompts": "shapes-train", "num_prompts": None},  # shapes-train | shapes-val | a prompt file
-    # Official SD1.5 settings: DDIM 20 steps, η = 1, CFG 5, pools of k = 4, threshold 0.3, x_t at t ≤ 750.
+    # Official SD1.5 settings: DDIM 20 steps, η = 1, CFG 5, pools of k = 4, threshold 0.3, x_t at t ≤ 751 (16 of 20).
     "sample": {"steps": 20, "eta": 1.0, "guidance": 5.0, "pool_size": 4, "threshold": 0.3,
-               "timestep_range": [0, 750], "batch_size": 10, "negative_prompt": ""},
+               "timestep_range": [0, 751], "batch_size": 10, "negative_prompt": ""},
     "train": {
         "rounds": 1000,  # sampling rounds; official SD1.5: 4,000 prompts × 10 epochs / 40 prompts per round
         "batch_size": 10,  # pairs per micro-batch (official train_batch_size)

@@ -91,7 +91,7 @@ def sample_step_pairs(
     pool_size: int,
     threshold: float,
     eta: float = 1.0,
-    timestep_range: tuple[int, int] = (0, 750),
+    timestep_range: tuple[int, int] = (0, 751),
     generator: torch.Generator | None = None,
     prediction_type: str = "epsilon",
     spacing: str = "leading",
