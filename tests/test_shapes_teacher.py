@@ -120,3 +120,17 @@ def test_shipped_teacher_loads_and_samples():
     images = teacher_source(steps=2)(["a red circle", "two blue squares"], [0, 1])
     assert images.shape == (2, 3, 32, 32) and float(images.min()) >= 0 and float(images.max()) <= 1
     assert load_teacher().prediction_type == "v_prediction"
+
+
+def test_flow_teacher_pretrains_saves_and_samples(tmp_path):
+    """arch.family=flow: the same parts with a rectified-flow schedule (velocity, Euler sampling)."""
+    from prefalign.diffusion.schedules import FlowSchedule
+    from prefalign.shapes.generators import teacher_source
+
+    config = resolve_config(PRETRAIN_DEFAULTS, None, [*TINY_OVERRIDES, "train.steps=2", "arch.family=flow"])
+    teacher = load_teacher(pretrain_teacher(config, tmp_path))
+    assert isinstance(teacher.schedule, FlowSchedule) and teacher.prediction_type == "flow_prediction"
+    images = teacher_source(tmp_path / "teacher", steps=3)(["a red circle"], [0])
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+    with pytest.raises(PrefalignError, match=r"arch\.family 'ddpm' unknown"):
+        build_teacher({**config["arch"], "family": "ddpm"})

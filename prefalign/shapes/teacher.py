@@ -25,6 +25,7 @@ SHIPPED_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "shapes_teach
 # self- and cross-attention at 8×8 and 4×4, where relations between objects span the whole feature map for a few
 # tokens' cost (attention at 16×16 tripled the step time; this arch costs ≈ 0.32 CPU-s per step of 32).
 DEFAULT_ARCH: dict = {
+    "family": "vp",  # vp: the DDIM scheduler below; flow: rectified flow (FLOW_SCHEDULER), as SD3 / FLUX
     "image_size": 32,
     "max_length": 24,
     "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
@@ -51,6 +52,10 @@ DEFAULT_ARCH: dict = {
         "timestep_spacing": "leading",
     },
 }
+
+
+# Rectified flow x_t = (1 − σ) x_0 + σ ε with velocity prediction, Euler sampling; no shift at 32×32.
+FLOW_SCHEDULER: dict = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
 
 
 def tiny_arch() -> dict:
@@ -83,10 +88,14 @@ def build_teacher(arch: dict | None = None, seed: int = 0) -> DiffusionModel:
         cross_attention_dim=arch["text"]["hidden_size"],
         **{k: tuple(v) if isinstance(v, list) else v for k, v in arch["unet"].items()},
     )
-    schedule, prediction_type = scheduler_settings(arch["scheduler"])
+    family = arch.get("family", "vp")
+    if family not in ("vp", "flow"):
+        raise PrefalignError(f"arch.family '{family}' unknown; use vp or flow")
+    scheduler = FLOW_SCHEDULER if family == "flow" else arch["scheduler"]
+    schedule, prediction_type = scheduler_settings(scheduler)
     return DiffusionModel(
         unet, schedule, prediction_type, [text_encoder], [tokenizer], vae=None, family="pixel",
-        sample_size=arch["image_size"], scheduler_config=dict(arch["scheduler"]),
+        sample_size=arch["image_size"], scheduler_config=dict(scheduler),
     )
 
 
