@@ -13,12 +13,15 @@ import time
 import torch
 
 from prefalign.shapes.generators import ideal_renders, teacher_source, web_data_images
-from prefalign.shapes.oracle import oracle_breakdown
+from prefalign.shapes.oracle import AESTHETIC_WEIGHTS, FIDELITY_WEIGHTS, oracle_breakdown
 from prefalign.shapes.prompts import prompt_set
 from prefalign.stats import bootstrap_ci
 
+PARTS = [*FIDELITY_WEIGHTS, *AESTHETIC_WEIGHTS]
 
-def evaluate(name: str, source, prompts: list[str], k: int) -> str:
+
+def evaluate(name: str, source, prompts: list[str], k: int) -> tuple[str, str]:
+    """(the summary row, the per-part row: mean of each oracle part where it applies) of one image source."""
     batch_prompts = [p for p in prompts for _ in range(k)]
     seeds = list(range(len(batch_prompts)))
     start = time.perf_counter()
@@ -29,7 +32,9 @@ def evaluate(name: str, source, prompts: list[str], k: int) -> str:
     for part in ("score", "fidelity", "aesthetic"):
         per_prompt = parts[part].view(len(prompts), k).mean(1)
         cells.append(str(bootstrap_ci(per_prompt.numpy())))
-    return f"| {name} | " + " | ".join(cells) + f" | {seconds:.4f} |"
+    part_means = [float(parts[p][~parts[p].isnan()].mean()) for p in PARTS]
+    return (f"| {name} | " + " | ".join(cells) + f" | {seconds:.4f} |",
+            f"| {name} | " + " | ".join(f"{m:.2f}" for m in part_means) + " |")
 
 
 def main() -> None:
@@ -45,11 +50,17 @@ def main() -> None:
     print(f"{args.prompts} val prompts × {args.seeds} seeds; teacher DDIM {args.steps} steps (η = 0)\n")
     print("| source | oracle [95% CI] | fidelity | aesthetic | s / image |")
     print("|---|---|---|---|---|")
-    print(evaluate("ideal render", ideal_renders, prompts, args.seeds), flush=True)
-    print(evaluate("web data", web_data_images, prompts, args.seeds), flush=True)
-    for g in args.guidance:
-        source = teacher_source(args.teacher, "cpu", args.steps, g)
-        print(evaluate(f"teacher CFG {g:g}", source, prompts, args.seeds), flush=True)
+    sources = {"ideal render": ideal_renders, "web data": web_data_images}
+    sources |= {f"teacher CFG {g:g}": teacher_source(args.teacher, "cpu", args.steps, g) for g in args.guidance}
+    part_rows = []
+    for name, source in sources.items():
+        row, parts = evaluate(name, source, prompts, args.seeds)
+        part_rows.append(parts)
+        print(row, flush=True)
+    print("\nOracle parts (mean where the part applies):\n")
+    print("| source | " + " | ".join(PARTS) + " |")
+    print("|---|" + "---|" * len(PARTS))
+    print("\n".join(part_rows))
 
 
 if __name__ == "__main__":
