@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from prefalign.cli import app
 from prefalign.errors import PrefalignError
 from prefalign.rewards import load
-from prefalign.shapes.labels import make_preference_dataset, make_ranked_groups
+from prefalign.shapes.labels import make_preference_dataset, make_ranked_groups, simulate_ranking
 from prefalign.train.preference_data import load_group_data, load_preference_data
 
 
@@ -28,6 +28,19 @@ def png(value: int, size: int = 8) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_simulated_rankings_are_plackett_luce_with_bradley_terry_pairs() -> None:
+    scores, temperature, n = np.array([0.50, 0.56, 0.60, 0.45]), 0.05, 20000
+    rng = np.random.default_rng(0)
+    ranks = np.stack([simulate_ranking(scores, temperature, rng) for _ in range(n)])
+    assert all(sorted(r) == [0, 1, 2, 3] for r in ranks[:50])
+    utilities = np.exp(scores / temperature)
+    first = np.bincount(ranks.argmin(1), minlength=4) / n
+    assert np.abs(first - utilities / utilities.sum()).max() < 0.015  # P(i first) = e^{u_i} / Σ e^{u_j}
+    for i, j in ((0, 1), (1, 2), (3, 2), (0, 3)):
+        expected = 1 / (1 + math.exp(-(scores[i] - scores[j]) / temperature))
+        assert abs(float((ranks[:, i] < ranks[:, j]).mean()) - expected) < 0.015
 
 
 def test_make_ranked_groups_layout_determinism_and_oracle_order(tmp_path: Path) -> None:

@@ -229,6 +229,15 @@ _GROUP_IMAGES: dict[str, Callable[[np.random.Generator, object, int], torch.Tens
 }
 
 
+def simulate_ranking(scores: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
+    """Ranks (0 = best) of one Plackett–Luce draw with utilities s / T: the order of s / T + Gumbel noise. Any two
+    items come out in the order i before j with the Bradley–Terry probability σ((s_i − s_j) / T)."""
+    order = np.argsort(-(np.asarray(scores) / temperature + rng.gumbel(size=len(scores))))
+    ranks = np.empty(len(scores), dtype=np.int64)
+    ranks[order] = np.arange(len(scores))
+    return ranks
+
+
 def make_ranked_groups(
     out_dir: str | Path,
     n_groups: int,
@@ -245,10 +254,9 @@ def make_ranked_groups(
     `prefalign.train.preference_data`: caption, images (PNG bytes), ranks (0 = best), plus the evaluation-only
     `oracle` scores).
 
-    The ranking is a Plackett–Luce draw with utilities s_i / T (the order of s_i / T + Gumbel noise), so every two
-    images of a group are ordered with the pairs' Bradley–Terry probability σ((s_i − s_j) / T); `tie_margin` is
-    recorded for evaluation (noiseless pairs closer than it count as ties). Images use `default_rng(seed)`, the
-    rankings `default_rng([seed, 1])`.
+    Rankings are `simulate_ranking` draws from the oracle scores, so every two images of a group are ordered with
+    the pairs' Bradley–Terry probability σ((s_i − s_j) / T); `tie_margin` is recorded for evaluation (noiseless
+    pairs closer than it count as ties). Images use `default_rng(seed)`, the rankings `default_rng([seed, 1])`.
     """
     if n_groups < 1 or group_size < 2 or temperature <= 0:
         raise PrefalignError(f"ranked groups need n_groups ≥ 1, group_size ≥ 2 and temperature > 0 (got {n_groups}, "
@@ -262,12 +270,9 @@ def make_ranked_groups(
         prompt = scene_to_prompt(scene)
         images = torch.stack([_GROUP_IMAGES[image_source](image_rng, scene, size) for _ in range(group_size)])
         scores = oracle(to_uint8(images).float() / 255, [prompt] * group_size)  # of the stored 8-bit images
-        order = np.argsort(-(scores.numpy() / temperature + rank_rng.gumbel(size=group_size)))
-        ranks = np.empty(group_size, dtype=np.int64)
-        ranks[order] = np.arange(group_size)
         rows["caption"].append(prompt)
         rows["images"].append([_png(x) for x in images])
-        rows["ranks"].append(ranks.tolist())
+        rows["ranks"].append(simulate_ranking(scores.numpy(), temperature, rank_rng).tolist())
         rows["oracle"].append(scores.tolist())
     frame = pd.DataFrame(rows)
     frame["model"] = image_source
