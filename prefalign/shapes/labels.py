@@ -259,8 +259,8 @@ def make_ranked_groups(
     pairs closer than it count as ties). Images use `default_rng(seed)`, the rankings `default_rng([seed, 1])`.
     """
     if n_groups < 1 or group_size < 2 or temperature <= 0:
-        raise PrefalignError(f"ranked groups need n_groups ≥ 1, group_size ≥ 2 and temperature > 0 (got {n_groups}, "
-                             f"{group_size}, {temperature})")
+        raise PrefalignError(f"ranked groups need n_groups ≥ 1, group_size ≥ 2 and temperature > 0 (got "
+                             f"{n_groups}, {group_size}, {temperature})")
     if image_source not in _GROUP_IMAGES:
         raise PrefalignError(f"image_source '{image_source}' is unknown; use one of {', '.join(_GROUP_IMAGES)}")
     image_rng, rank_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])

@@ -470,14 +470,16 @@ def _decode_groups(
         except _SkipRow as skip:
             skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
             continue
-        if group.shape[1:] != (images[0] if images else group).shape[1:]:
-            raise PrefalignError(f"group {len(captions)} has images of {tuple(group.shape[-2:])} pixels, not "
-                                 f"{tuple(images[0].shape[-2:])} as before: set data.resolution to resize them all")
+        size = tuple((images[0][0] if images else group[0]).shape[1:])
+        other = sorted({tuple(x.shape[1:]) for x in group} - {size})
+        if other:
+            raise PrefalignError(f"group {len(captions)} has images of {other[0]} pixels, not {size} as before: "
+                                 "set data.resolution to resize them all")
         captions.append(caption)
-        images.append(group)
+        images.append(torch.stack(group))
         ranks.append(torch.tensor(order))
         scores = row.get("oracle")
-        oracle.append(torch.tensor([_number(v) for v in scores]) if scores is not None else None)
+        oracle.append(torch.tensor([_number(v) for v in scores]) if isinstance(scores, list | tuple) else None)
     if not captions:
         return GroupData([], torch.zeros(0), torch.zeros(0, 0, dtype=torch.long), skipped=skipped, meta=meta)
     pad = torch.nn.utils.rnn.pad_sequence  # groups of fewer than K candidates: zero images, rank −1
@@ -486,17 +488,17 @@ def _decode_groups(
                      pad(oracle, batch_first=True, padding_value=math.nan) if has_oracle else None, skipped, meta)
 
 
-def _parse_group(row: dict, base: Path, resolution: int | None) -> tuple[str, torch.Tensor, list[int]]:
+def _parse_group(row: dict, base: Path, resolution: int | None) -> tuple[str, list[torch.Tensor], list[int]]:
     if row.get("_unparsable"):
         raise _SkipRow("unparsable row")
     caption = row.get("caption")
     if not isinstance(caption, str):
         raise _SkipRow("missing caption")
     images, ranks = row.get("images"), row.get("ranks")
-    if not (isinstance(images, list | tuple) and isinstance(ranks, list | tuple)) or len(ranks) < 2 \
-            or sorted(map(_number, ranks)) != list(range(len(images))):
+    lists = isinstance(images, list | tuple) and isinstance(ranks, list | tuple) and len(ranks) >= 2
+    if not lists or sorted(map(_number, ranks)) != list(range(len(images))):
         raise _SkipRow("bad ranks")
-    return caption, torch.stack([_decode_image(value, base, resolution) for value in images]), [int(r) for r in ranks]
+    return caption, [_decode_image(value, base, resolution) for value in images], [int(r) for r in ranks]
 
 
 def _number(value: Any) -> float:

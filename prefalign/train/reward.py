@@ -13,9 +13,10 @@ prompt, the group format of `prefalign.train.preference_data`; `loss.top_k` plac
 loss); fixed or learnable temperature; per-prompt 1/n weights (PickScore). Evaluation every `eval.every` steps
 on the validation split at the timestep buckets `eval.timesteps` (fixed noise per row and bucket): pairwise
 accuracy (over every two images of a group) against the dataset labels (`acc*`) and, for the shapes world,
-against the oracle's noiseless preference (`acc_true*`); ties in the label are excluded from both. Results: metrics.csv, metrics.png,
-summary.json (with the label-noise ceiling of the validation pairs when the data carry oracle scores) and the
-scorer directory `scorer/` (loads with `prefalign.rewards.load("step-aware" or "trained", checkpoint=DIR)`).
+against the oracle's noiseless preference (`acc_true*`); ties in the label are excluded from both. Results:
+metrics.csv, metrics.png, summary.json (with the label-noise ceiling of the validation pairs when the data carry
+oracle scores) and the scorer directory `scorer/` (loads with `prefalign.rewards.load("step-aware" or "trained",
+checkpoint=DIR)`).
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ def init_from(scorer, folder: str | Path) -> None:
     scorer.load_state_dict(loaded, strict=False)
 
 
-def _load_data(config: dict, log: Callable[[str], None]) -> tuple[PreferenceData | GroupData, PreferenceData | GroupData]:
+def _load_data(config: dict, log: Callable[[str], None]
+               ) -> tuple[PreferenceData | GroupData, PreferenceData | GroupData]:
     data = config["data"]
     kwargs = {"resolution": data["resolution"], "log": log}
     load = load_group_data if config["loss"]["kind"] == "plackett_luce" else load_preference_data
@@ -207,8 +209,8 @@ def _build_scorer(config: dict, device: torch.device) -> tuple[torch.nn.Module, 
 def _draw(data: PreferenceData | GroupData, base, draw: int, batch_size: int, accelerator, seed: int
           ) -> tuple[PairBatch | GroupBatch, torch.Tensor | None, torch.Tensor | None]:
     """This process's share of global batch number `draw`, and for step-aware training (a base model given) each
-    pair's (group's) t ~ U{0..T−1} and noise. The whole global batch is drawn on every process from the same seed, and each
-    takes its slice, so a run gives the same batches on any number of processes."""
+    pair's (group's) t ~ U{0..T−1} and noise. The whole global batch is drawn on every process from the same seed,
+    and each takes its slice, so a run gives the same batches on any number of processes."""
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = slice(rank * batch_size, (rank + 1) * batch_size)
     batch = data.batch(_batch_indices(len(data), draw, batch_size * world, seed)[mine].tolist())
