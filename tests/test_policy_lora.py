@@ -1,6 +1,6 @@
 """LoRA on denoisers without diffusers' `add_adapter` (PixArtTransformer2DModel in diffusers 0.42): peft's
 `inject_adapter_in_model` fallback trains adapters only, disables them for the reference, checkpoints and merges
-into a loadable pipeline directory, and drives a Diffusion-DPO run."""
+into a loadable pipeline directory, and drives a Diffusion-DPO run. The same helpers on the flow transformers."""
 
 import math
 
@@ -14,7 +14,7 @@ from prefalign.errors import PrefalignError
 from prefalign.shapes.labels import make_preference_dataset
 from prefalign.train import dpo
 from prefalign.train.common import MetricsLog
-from prefalign.train.policy import Policy
+from prefalign.train.policy import DEFAULT_LORA_TARGETS, Policy, add_lora, merge_lora, set_lora_enabled
 
 
 def _inputs(model: DiffusionModel):
@@ -82,3 +82,40 @@ def test_two_step_lora_dpo_on_tiny_pixart(tmp_path):
     aligned, base = DiffusionModel.from_pretrained(out), DiffusionModel.from_pretrained(model_dir)
     assert aligned.family == "pixart"
     assert not torch.allclose(aligned(x, t, cond), base(x, t, cond), atol=1e-6)
+
+
+def _flow_transformers():
+    """Tiny SD3 and FLUX transformers with a forward on fixed inputs (they have diffusers' add_adapter)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    text, pooled, t = torch.randn(2, 5, 16), torch.randn(2, 16), torch.tensor([10.0, 500.0])
+    sd3 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                pooled_projection_dim=16, out_channels=4)
+    x = torch.randn(2, 4, 8, 8)
+    yield sd3, lambda m: m(x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t, return_dict=False)[0]
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+                                  axes_dims_rope=(2, 2, 4))
+    packed, image_ids, text_ids = torch.randn(2, 16, 4), torch.zeros(16, 3), torch.zeros(5, 3)
+    yield flux, lambda m: m(packed, encoder_hidden_states=text, pooled_projections=pooled, timestep=t / 1000,
+                            img_ids=image_ids, txt_ids=text_ids, return_dict=False)[0]
+
+
+@torch.no_grad()
+def test_lora_helpers_on_the_flow_transformers():
+    for denoiser, forward in _flow_transformers():
+        base = forward(denoiser)
+        add_lora(denoiser, 4, 4.0, DEFAULT_LORA_TARGETS)
+        for name, p in denoiser.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+        adapted = forward(denoiser)
+        assert (adapted - base).abs().max() > 1e-3
+        set_lora_enabled(denoiser, False)
+        assert torch.allclose(forward(denoiser), base, atol=1e-6)
+        set_lora_enabled(denoiser, True)
+        merge_lora(denoiser)
+        assert not any("lora" in k for k in denoiser.state_dict())
+        assert torch.allclose(forward(denoiser), adapted, atol=1e-5)
