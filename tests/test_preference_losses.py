@@ -9,6 +9,7 @@ import torch
 
 from prefalign.errors import PrefalignError
 from prefalign.train.preference_losses import (
+    PlackettLuceLoss,
     PreferenceLoss,
     bt_loss,
     bt_ties_loss,
@@ -76,6 +77,26 @@ def test_plackett_luce_closed_form_padding_and_pairs() -> None:
     assert torch.isfinite(padded.grad).all() and padded.grad[0, 1] == 0
     with pytest.raises(PrefalignError, match=r"\[G, K\]"):
         plackett_luce_loss(torch.zeros(3), torch.zeros(3, dtype=torch.long))
+
+
+def test_plackett_luce_on_groups_of_two_is_bradley_terry_at_the_same_temperature() -> None:
+    g = torch.Generator().manual_seed(0)
+    r0, r1 = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    label_0 = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    ranks = torch.stack([1 - label_0, label_0], 1).long()  # image 0 preferred ⇔ image 0 ranks first
+    weight = prompt_weights(["a", "a", "b", "c", "c", "c"])
+    for temperature in (1.0, 0.3):
+        listwise = PlackettLuceLoss(temperature)(torch.stack([r0, r1], 1), ranks, weight)
+        pairwise = PreferenceLoss("bt", temperature)(r0, r1, label_0, weight)
+        assert float(listwise) == pytest.approx(float(pairwise), rel=1e-6)
+    # top_k = 1 of a group of two is the whole ranking; a learnable temperature gets a gradient.
+    loss = PlackettLuceLoss(0.5, learn_temperature=True, top_k=1)
+    loss(torch.stack([r0, r1], 1), ranks).backward()
+    assert loss.log_temperature.grad is not None and loss.log_temperature.grad != 0
+    with pytest.raises(PrefalignError, match=r"loss\.top_k"):
+        PlackettLuceLoss(top_k=0)
+    with pytest.raises(PrefalignError, match=r"loss\.temperature"):
+        PlackettLuceLoss(temperature=0.0)
 
 
 def test_per_prompt_weights_and_weighted_mean() -> None:

@@ -239,3 +239,65 @@ def load_preference_pairs(path: str | Path) -> tuple[list[str], torch.Tensor, to
         second,
         torch.tensor(frame["label_0"].to_numpy(), dtype=torch.float32),
     )
+
+
+# One image of a given scene per image source, for ranked groups (k images of one prompt).
+_GROUP_IMAGES: dict[str, Callable[[np.random.Generator, object, int], torch.Tensor]] = {
+    "web": lambda rng, scene, size: sample_web_example(rng, size, scene=scene).image,
+    "quality": lambda rng, scene, size: render(scene, size, rng, sample_quality(rng)[0]),
+}
+
+
+def simulate_ranking(scores: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
+    """Ranks (0 = best) of one Plackett–Luce draw with utilities s / T: the order of s / T + Gumbel noise. Any two
+    items come out in the order i before j with the Bradley–Terry probability σ((s_i − s_j) / T)."""
+    order = np.argsort(-(np.asarray(scores) / temperature + rng.gumbel(size=len(scores))))
+    ranks = np.empty(len(scores), dtype=np.int64)
+    ranks[order] = np.arange(len(scores))
+    return ranks
+
+
+def make_ranked_groups(
+    out_dir: str | Path,
+    n_groups: int,
+    group_size: int,
+    seed: int,
+    temperature: float = 0.05,
+    tie_margin: float = 0.02,
+    image_source: str = "web",
+    split: str = "train",
+    size: int = 32,
+) -> Path:
+    """Write `out_dir/{split}.parquet` (and `{split}.json`, the settings) of `n_groups` prompts with `group_size`
+    images each, ranked by a simulated annotator; returns the parquet path (the group format of
+    `prefalign.train.preference_data`: caption, images (PNG bytes), ranks (0 = best), plus the evaluation-only
+    `oracle` scores).
+
+    Rankings are `simulate_ranking` draws from the oracle scores, so every two images of a group are ordered with
+    the pairs' Bradley–Terry probability σ((s_i − s_j) / T); `tie_margin` is recorded for evaluation (noiseless
+    pairs closer than it count as ties). Images use `default_rng(seed)`, the rankings `default_rng([seed, 1])`.
+    """
+    if n_groups < 1 or group_size < 2 or temperature <= 0:
+        raise PrefalignError(f"ranked groups need n_groups ≥ 1, group_size ≥ 2 and temperature > 0 (got "
+                             f"{n_groups}, {group_size}, {temperature})")
+    if image_source not in _GROUP_IMAGES:
+        raise PrefalignError(f"image_source '{image_source}' is unknown; use one of {', '.join(_GROUP_IMAGES)}")
+    image_rng, rank_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
+    rows: dict[str, list] = {k: [] for k in ("caption", "images", "ranks", "oracle")}
+    for _ in range(n_groups):
+        scene = sample_scene(image_rng)
+        prompt = scene_to_prompt(scene)
+        images = torch.stack([_GROUP_IMAGES[image_source](image_rng, scene, size) for _ in range(group_size)])
+        scores = oracle(to_uint8(images).float() / 255, [prompt] * group_size)  # of the stored 8-bit images
+        rows["caption"].append(prompt)
+        rows["images"].append([_png(x) for x in images])
+        rows["ranks"].append(simulate_ranking(scores.numpy(), temperature, rank_rng).tolist())
+        rows["oracle"].append(scores.tolist())
+    frame = pd.DataFrame(rows)
+    frame["model"] = image_source
+    path = Path(out_dir) / f"{split}.parquet"
+    settings = {"path": str(path), "split": split, "n_groups": n_groups, "group_size": group_size, "seed": seed,
+                "temperature": temperature, "tie_margin": tie_margin, "image_source": image_source}
+    atomic_save(path, lambda p: frame.to_parquet(p, index=False))
+    atomic_write_text(Path(out_dir) / f"{split}.json", json.dumps(settings, indent=2) + "\n")
+    return path

@@ -59,5 +59,4 @@ def load_adapted_teacher(adapter_dir: str | Path, device: torch.device | str = "
     model = load_teacher(meta["base"], device)
     policy = Policy(model, meta["lora_rank"], meta["lora_alpha"], meta["lora_targets"], reference="none")
     policy.load_trainable_state({k: v.float() for k, v in load_file(str(adapter_dir / ADAPTER_FILE)).items()})
-    model.denoiser = policy.merged_denoiser().to(device)
-    return model.eval(), meta
+    return model.with_denoiser(policy.merged_denoiser().to(device)).eval(), meta

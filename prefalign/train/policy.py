@@ -1,8 +1,9 @@
 """The trainable diffusion policy and its frozen reference, shared by the alignment trainers.
 
-Full fine-tuning or LoRA (peft, through diffusers' `add_adapter`); the reference is either a frozen deep copy or
-the same network with its adapters disabled (no second copy in memory, the usual choice for LoRA on SDXL), or
-none for networks trained without one (Diff-Instruct++'s teaching assistant).
+Full fine-tuning or LoRA (peft: diffusers' `add_adapter` where the denoiser class has it, otherwise peft's
+`inject_adapter_in_model`, e.g. PixArtTransformer2DModel in diffusers 0.42, or any other nn.Module); the reference
+is either a frozen deep copy or the same network with its adapters disabled (no second copy in memory, the usual
+choice for LoRA on SDXL), or none for networks trained without one (Diff-Instruct++'s teaching assistant).
 """
 
 from __future__ import annotations
@@ -20,6 +21,44 @@ from prefalign.errors import PrefalignError
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 __all__ = ["DEFAULT_LORA_TARGETS", "Policy", "evaluation_weights", "load_base_model"]
+
+
+def add_lora(denoiser: torch.nn.Module, rank: int, alpha: float, targets: Sequence[str]) -> None:
+    """LoRA (B = 0, A Gaussian: the adapted network starts equal to the base) on the `targets` of `denoiser`,
+    under adapter name "default" on either path, so trainable-state checkpoints have the same parameter names."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets))
+    try:
+        if hasattr(denoiser, "add_adapter"):  # diffusers' PeftAdapterMixin: also keeps its peft_config bookkeeping
+            denoiser.add_adapter(config)
+        else:
+            inject_adapter_in_model(config, denoiser)
+    except ValueError as e:  # e.g. peft's "Target modules ... not found in the base model"
+        raise PrefalignError(f"cannot add LoRA on policy.lora_targets {list(targets)} to {type(denoiser).__name__}: "
+                             f"{str(e).strip().splitlines()[0][:200]}") from None
+
+
+def _lora_layers(denoiser: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(name, m) for name, m in denoiser.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def set_lora_enabled(denoiser: torch.nn.Module, enabled: bool) -> None:
+    """Switch every LoRA layer on or off (off: the base network's output), as diffusers' `enable_adapters` /
+    `disable_adapters` do, for denoisers with or without them; peft keeps the adapters' requires_grad in step."""
+    for _, layer in _lora_layers(denoiser):
+        layer.enable_adapters(enabled)
+
+
+def merge_lora(denoiser: torch.nn.Module) -> None:
+    """Fold LoRA into the base weights (W + α/r·BA) and put the plain base layers back in place, in place: the
+    state dict then has the base model's keys, so `save_pretrained` writes a directory the base class loads."""
+    for name, layer in _lora_layers(denoiser):
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(denoiser.get_submodule(parent_name), child, layer.get_base_layer())
 
 
 class Policy:
@@ -45,13 +84,8 @@ class Policy:
         if reference == "copy":
             self.reference_model = model.with_denoiser(copy.deepcopy(model.denoiser).requires_grad_(False).eval())
         if lora_rank:
-            from peft import LoraConfig
-
             model.denoiser.requires_grad_(False)
-            model.denoiser.add_adapter(LoraConfig(
-                r=int(lora_rank), lora_alpha=float(lora_alpha or lora_rank), init_lora_weights="gaussian",
-                target_modules=list(lora_targets),
-            ))
+            add_lora(model.denoiser, int(lora_rank), float(lora_alpha or lora_rank), lora_targets)
         else:
             model.denoiser.requires_grad_(True)
         self._unwrapped = model.denoiser
@@ -71,12 +105,12 @@ class Policy:
         if self.reference_model is None:
             raise PrefalignError("this policy was built with reference=none; use policy.reference=copy or adapter")
         if self.reference_mode == "adapter":
-            self._unwrapped.disable_adapters()
+            set_lora_enabled(self._unwrapped, False)
         try:
             yield self.reference_model
         finally:
             if self.reference_mode == "adapter":
-                self._unwrapped.enable_adapters()
+                set_lora_enabled(self._unwrapped, True)
 
     @torch.no_grad()
     def reference(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: Conditioning) -> torch.Tensor:
@@ -109,8 +143,7 @@ class Policy:
         """A standalone copy of the current denoiser with LoRA folded into the base weights."""
         denoiser = copy.deepcopy(self._unwrapped)
         if self.lora_rank:
-            denoiser.fuse_lora()
-            denoiser.unload_lora()
+            merge_lora(denoiser)
         return denoiser.requires_grad_(False).eval()
 
     def save_pretrained(self, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:

@@ -1,4 +1,5 @@
-"""Pairwise preference data in the Pick-a-Pic format, from files, Hugging Face datasets or the shapes world.
+"""Preference data: pairs in the Pick-a-Pic format and ranked groups, from files, Hugging Face datasets or the shapes
+world.
 
 A row has `caption`, two images (`jpg_0` / `jpg_1` as in Pick-a-Pic v1/v2, or `image_0` / `image_1`) and
 `label_0` ∈ {0, 0.5, 1} (1: image 0 preferred, 0.5: tie; `label_1`, when present, must be 1 − label_0). An image
@@ -16,6 +17,16 @@ Sources (`load_preference_data(source, split)`):
   or a `datasets` folder written by `save_to_disk`;
 - `hf:NAME` — `datasets.load_dataset(NAME, split=split, streaming=True)` (needs the network and `limit`).
 
+Ranked groups (`load_group_data`, what `train-reward` reads with `loss.kind=plackett_luce`): a row has `caption`,
+`images` — a list of k ≥ 2 image cells of the kinds above — and `ranks`, k distinct integers 0..k−1 where
+`ranks[i]` is the place of `images[i]` (0 = best). Groups may differ in k (batches pad to the largest, rank −1).
+An optional `oracle` list (k scores, the shapes world) is kept for evaluation. Sources as for pairs, with
+`shapes:KIND?n=N&k=K&seed=S&temperature=T&tie_margin=M` drawing N groups of K images ranked by the oracle
+(`prefalign.shapes.labels.make_ranked_groups`). Rows with no caption, ranks that are not a permutation of
+0..k−1 matching the images (or k < 2), or a missing or unreadable image are skipped and counted. A jsonl line:
+
+    {"caption": "a red circle", "images": ["a.png", "b.png", "c.png"], "ranks": [1, 0, 2]}
+
 Images are decoded once, at load time, into uint8 tensors (resized to `resolution` by CLIP's shortest-side resize
 and centre crop when given), so a bad image is found and counted before training starts. Large datasets should
 be loaded with `limit`, or resized with `resolution`.
@@ -23,6 +34,7 @@ be loaded with `limit`, or resized with `resolution`.
 
 from __future__ import annotations
 
+import abc
 import functools
 import glob
 import io
@@ -69,8 +81,48 @@ class PairBatch:
     index: torch.Tensor  # row indices in the dataset (fixed per-pair evaluation noise)
     true_label_0: torch.Tensor | None = None  # the noiseless preference (shapes world only)
 
+    @property
+    def candidates(self) -> torch.Tensor:
+        """[B, 2, 3, H, W]: the pair as a group of two."""
+        return torch.stack([self.images_0, self.images_1], 1)
 
-class PreferenceData(torch.utils.data.Dataset):
+
+@dataclass
+class GroupBatch:
+    """A collated batch of ranked groups; `candidates` float [B, K, 3, H, W] in [0, 1] (zeros where padded)."""
+
+    captions: list[str]
+    candidates: torch.Tensor
+    ranks: torch.Tensor  # [B, K] long: 0 = best, −1 = padding
+    weight: torch.Tensor  # per-prompt weight 1/n of each group
+    index: torch.Tensor  # row indices in the dataset
+
+
+class _CaptionRows(torch.utils.data.Dataset, abc.ABC):
+    """Rows with a caption each (pairs or groups), split without sharing a prompt."""
+
+    captions: list[str]
+
+    @abc.abstractmethod
+    def subset(self, indices: Sequence[int]) -> _CaptionRows:
+        """The rows at `indices` (per-prompt weights recomputed within the subset)."""
+
+    def split_by_caption(self, fraction: float, seed: int) -> tuple[_CaptionRows, _CaptionRows]:
+        """(rest, held out): about `fraction` of the captions, with all their rows, go to the held-out part, so
+        no prompt is in both (Pick-a-Pic has several pairs per prompt)."""
+        if not 0 < fraction < 1:
+            raise PrefalignError(f"data.val_fraction must be in (0, 1) (got {fraction})")
+        captions = sorted(set(self.captions))
+        order = np.random.default_rng(seed).permutation(len(captions))
+        held = {captions[i] for i in order[: max(1, round(fraction * len(captions)))]}
+        if len(held) == len(captions):
+            raise PrefalignError(f"only {len(captions)} distinct caption(s): too few to hold out a validation split")
+        rows = range(len(self))
+        return (self.subset([i for i in rows if self.captions[i] not in held]),
+                self.subset([i for i in rows if self.captions[i] in held]))
+
+
+class PreferenceData(_CaptionRows):
     """Decoded pairs held as uint8 tensors; items are dicts (caption, image_0, image_1, label_0, weight, index, and
     the evaluation-only columns that the source has). `weight` is 1/(pairs with the same caption in this
     dataset), PickScore's per-prompt weighting."""
@@ -113,19 +165,13 @@ class PreferenceData(torch.utils.data.Dataset):
             {k: v[idx] for k, v in self.extras.items()}, dict(self.skipped), dict(self.meta),
         )
 
-    def split_by_caption(self, fraction: float, seed: int) -> tuple[PreferenceData, PreferenceData]:
-        """(rest, held out): about `fraction` of the captions, with all their pairs, go to the held-out part, so
-        no prompt is in both (Pick-a-Pic has several pairs per prompt)."""
-        if not 0 < fraction < 1:
-            raise PrefalignError(f"data.val_fraction must be in (0, 1) (got {fraction})")
-        captions = sorted(set(self.captions))
-        order = np.random.default_rng(seed).permutation(len(captions))
-        held = {captions[i] for i in order[: max(1, round(fraction * len(captions)))]}
-        if len(held) == len(captions):
-            raise PrefalignError(f"only {len(captions)} distinct caption(s): too few to hold out a validation split")
-        rows = range(len(self))
-        return (self.subset([i for i in rows if self.captions[i] not in held]),
-                self.subset([i for i in rows if self.captions[i] in held]))
+    def batch(self, rows: Sequence[int]) -> PairBatch:
+        return collate_pairs([self[i] for i in rows])
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(row, first, second, columns) as `GroupData.pairs`: each row's candidates 0 and 1, label_0 and extras."""
+        rows = torch.arange(len(self))
+        return rows, torch.zeros_like(rows), torch.ones_like(rows), {"label_0": self.label_0, **self.extras}
 
 
 def collate_pairs(items: Sequence[dict[str, Any]]) -> PairBatch:
@@ -141,6 +187,61 @@ def collate_pairs(items: Sequence[dict[str, Any]]) -> PairBatch:
     )
 
 
+class GroupData(_CaptionRows):
+    """Decoded ranked groups: `images` uint8 [N, K, 3, H, W] and `ranks` [N, K] (−1 pads groups smaller than K),
+    optional `oracle` scores [N, K] (the shapes world); items are dicts like `GroupBatch` rows."""
+
+    def __init__(
+        self,
+        captions: list[str],
+        images: torch.Tensor,
+        ranks: torch.Tensor,
+        oracle: torch.Tensor | None = None,
+        skipped: dict[str, int] | None = None,
+        meta: dict | None = None,
+    ) -> None:
+        self.captions, self.images, self.ranks, self.oracle = captions, images, ranks, oracle
+        self.skipped, self.meta = skipped or {}, meta or {}
+        self.weight = prompt_weights(captions) if captions else torch.zeros(0)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"caption": self.captions[i], "candidates": self.images[i].float() / 255, "ranks": self.ranks[i],
+                "weight": float(self.weight[i]), "index": i}
+
+    def subset(self, indices: Sequence[int]) -> GroupData:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return GroupData([self.captions[i] for i in idx.tolist()], self.images[idx], self.ranks[idx],
+                         None if self.oracle is None else self.oracle[idx], dict(self.skipped), dict(self.meta))
+
+    def batch(self, rows: Sequence[int]) -> GroupBatch:
+        items = [self[i] for i in rows]
+        return GroupBatch([it["caption"] for it in items], torch.stack([it["candidates"] for it in items]),
+                          torch.stack([it["ranks"] for it in items]), torch.tensor([it["weight"] for it in items]),
+                          torch.tensor([it["index"] for it in items]))
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Every two candidates a < b of each group, as (row, a, b, columns) with the columns of `PreferenceData`:
+        label_0 = 1 where a ranks above b, else 0 (a ranking has no ties); with oracle scores also oracle_0 /
+        oracle_1 and the noiseless true_label_0 at the data's tie margin."""
+        from prefalign.shapes.labels import noiseless_labels
+
+        a, b = torch.triu_indices(self.ranks.shape[1], self.ranks.shape[1], offset=1)
+        row = torch.arange(len(self)).repeat_interleave(len(a))
+        a, b = a.repeat(len(self)), b.repeat(len(self))
+        keep = (self.ranks[row, a] >= 0) & (self.ranks[row, b] >= 0)
+        row, a, b = row[keep], a[keep], b[keep]
+        columns = {"label_0": (self.ranks[row, a] < self.ranks[row, b]).float()}
+        if self.oracle is not None:
+            columns["oracle_0"], columns["oracle_1"] = self.oracle[row, a], self.oracle[row, b]
+            if "tie_margin" in self.meta:
+                columns["true_label_0"] = noiseless_labels(columns["oracle_0"], columns["oracle_1"],
+                                                           self.meta["tie_margin"])
+        return row, a, b, columns
+
+
 def load_preference_data(
     source: str,
     split: str = "train",
@@ -149,50 +250,77 @@ def load_preference_data(
     log: Callable[[str], None] = print,
 ) -> PreferenceData:
     """Load, validate and decode a pairwise preference dataset (sources: see the module docstring)."""
+    return _load(source, split, resolution, limit, log, groups=False)
+
+
+def load_group_data(
+    source: str,
+    split: str = "train",
+    resolution: int | None = None,
+    limit: int | None = None,
+    log: Callable[[str], None] = print,
+) -> GroupData:
+    """Load, validate and decode ranked groups (format and sources: see the module docstring)."""
+    return _load(source, split, resolution, limit, log, groups=True)
+
+
+def _load(source: str, split: str, resolution: int | None, limit: int | None, log: Callable[[str], None],
+          groups: bool) -> PreferenceData | GroupData:
     if limit is not None and limit < 1:
         raise PrefalignError(f"data limit must be ≥ 1 (got {limit})")
     with tempfile.TemporaryDirectory(prefix="prefalign-pairs-") as scratch:
         if source.startswith("shapes:"):
-            rows, base, meta = _shapes_rows(source, split, limit, Path(scratch))
+            rows, base, meta = _shapes_rows(source, split, limit, Path(scratch), groups)
         elif source.startswith("hf:"):
             rows, base, meta = _hub_rows(source[3:], split, limit), Path.cwd(), {}
         else:
             rows, base, meta = _local_rows(source, split)
-        data = _decode_rows(rows, base, resolution, limit, meta)
+        data = (_decode_groups if groups else _decode_rows)(rows, base, resolution, limit, meta)
     skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(data.skipped.items())) or "none"
-    log(f"[data] {source} ({split}): {len(data)} pairs; skipped rows: {skipped}")
+    unit = f"ranked groups of up to {data.ranks.shape[1]}" if groups and len(data) else "pairs"
+    log(f"[data] {source} ({split}): {len(data)} {unit}; skipped rows: {skipped}")
     if not len(data):
-        raise PrefalignError(f"{source} ({split}) has no usable preference pairs (skipped: {skipped})")
+        hint = "; ranked groups need the columns caption, images, ranks" if groups else ""
+        raise PrefalignError(f"{source} ({split}) has no usable preference {'groups' if groups else 'pairs'} "
+                             f"(skipped: {skipped}){hint}")
     return data
 
 
-def _shapes_rows(source: str, split: str, limit: int | None, scratch: Path) -> tuple[Iterable[dict], Path, dict]:
-    from prefalign.shapes.labels import IMAGE_SOURCES, make_preference_dataset
+def _shapes_rows(source: str, split: str, limit: int | None, scratch: Path, groups: bool = False
+                 ) -> tuple[Iterable[dict], Path, dict]:
+    from prefalign.shapes.labels import IMAGE_SOURCES, make_preference_dataset, make_ranked_groups
 
     parts = urlsplit(source[len("shapes:"):])
     kind, query = parts.path or "web", {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    unknown = set(query) - {"n", "seed", "temperature", "tie_margin", *(["teacher"] if kind == "teacher" else [])}
+    unknown = set(query) - {"n", "seed", "temperature", "tie_margin", *(["k"] if groups else []),
+                            *(["teacher"] if kind == "teacher" else [])}
     if kind not in IMAGE_SOURCES or unknown:
         raise PrefalignError(
-            f"data source {source!r}: write shapes:KIND?n=N&seed=S[&temperature=T&tie_margin=M] with KIND one of "
-            f"{', '.join(IMAGE_SOURCES)}" + (f" (unknown keys: {', '.join(sorted(unknown))})" if unknown else "")
+            f"data source {source!r}: write shapes:KIND?n=N{'&k=K' if groups else ''}&seed=S[&temperature=T&"
+            f"tie_margin=M] with KIND one of {', '.join(IMAGE_SOURCES)}"
+            + (f" (unknown keys: {', '.join(sorted(unknown))})" if unknown else "")
         )
     if split not in SHAPES_SPLIT_SEED_OFFSET:
         raise PrefalignError(f"shapes data has splits {', '.join(SHAPES_SPLIT_SEED_OFFSET)}, not {split!r}")
     try:
         n, seed = int(query.get("n", 1000)), int(query.get("seed", 0)) + SHAPES_SPLIT_SEED_OFFSET[split]
         temperature, tie_margin = float(query.get("temperature", 0.05)), float(query.get("tie_margin", 0.02))
+        k = int(query.get("k", 4))
     except ValueError:
-        raise PrefalignError(f"data source {source!r}: n and seed must be integers, the rest numbers") from None
-    # Pairs and labels are drawn one after another from seeded streams: the first `limit` of n are the same.
+        raise PrefalignError(f"data source {source!r}: n, k and seed must be integers, the rest numbers") from None
+    # Rows and labels are drawn one after another from seeded streams: the first `limit` of n are the same.
     n = min(n, limit) if limit is not None else n
     source = kind
-    if "teacher" in query:  # on-policy pairs of another teacher than the shipped one
+    if "teacher" in query:  # on-policy images of another teacher than the shipped one
         source = functools.update_wrapper(functools.partial(IMAGE_SOURCES[kind], teacher=query["teacher"]),
                                           IMAGE_SOURCES[kind])
-    info = make_preference_dataset(scratch, n, seed, temperature, tie_margin, image_source=source, split=split)
+    if groups:
+        path = make_ranked_groups(scratch, n, k, seed, temperature, tie_margin, image_source=source, split=split)
+    else:
+        path = make_preference_dataset(scratch, n, seed, temperature, tie_margin, image_source=source,
+                                       split=split).path
     meta = json.loads((scratch / f"{split}.json").read_text())
-    return _parquet_rows([Path(info.path)]), scratch, meta
+    return _parquet_rows([Path(path)]), scratch, meta
 
 
 def _local_rows(source: str, split: str) -> tuple[Iterable[dict], Path, dict]:
@@ -334,6 +462,50 @@ def _parse_row(row: dict, base: Path, resolution: int | None) -> tuple[str, torc
     columns = next((c for c in IMAGE_COLUMNS if c[0] in row or c[1] in row), IMAGE_COLUMNS[0])
     first, second = (_decode_image(row.get(c), base, resolution) for c in columns)
     return caption, first, second, label
+
+
+def _decode_groups(
+    rows: Iterable[dict], base: Path, resolution: int | None, limit: int | None, meta: dict
+) -> GroupData:
+    captions, images, ranks, oracle = [], [], [], []
+    skipped: dict[str, int] = {}
+    for row in rows:
+        if limit is not None and len(captions) >= limit:
+            break
+        try:
+            caption, group, order = _parse_group(row, base, resolution)
+        except _SkipRow as skip:
+            skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
+            continue
+        size = tuple((images[0][0] if images else group[0]).shape[1:])
+        other = sorted({tuple(x.shape[1:]) for x in group} - {size})
+        if other:
+            raise PrefalignError(f"group {len(captions)} has images of {other[0]} pixels, not {size} as before: "
+                                 "set data.resolution to resize them all")
+        captions.append(caption)
+        images.append(torch.stack(group))
+        ranks.append(torch.tensor(order))
+        scores = row.get("oracle")
+        oracle.append(torch.tensor([_number(v) for v in scores]) if isinstance(scores, list | tuple) else None)
+    if not captions:
+        return GroupData([], torch.zeros(0), torch.zeros(0, 0, dtype=torch.long), skipped=skipped, meta=meta)
+    pad = torch.nn.utils.rnn.pad_sequence  # groups of fewer than K candidates: zero images, rank −1
+    has_oracle = all(s is not None and len(s) == len(r) for s, r in zip(oracle, ranks, strict=True))
+    return GroupData(captions, pad(images, batch_first=True), pad(ranks, batch_first=True, padding_value=-1),
+                     pad(oracle, batch_first=True, padding_value=math.nan) if has_oracle else None, skipped, meta)
+
+
+def _parse_group(row: dict, base: Path, resolution: int | None) -> tuple[str, list[torch.Tensor], list[int]]:
+    if row.get("_unparsable"):
+        raise _SkipRow("unparsable row")
+    caption = row.get("caption")
+    if not isinstance(caption, str):
+        raise _SkipRow("missing caption")
+    images, ranks = row.get("images"), row.get("ranks")
+    lists = isinstance(images, list | tuple) and isinstance(ranks, list | tuple) and len(ranks) >= 2
+    if not lists or sorted(map(_number, ranks)) != list(range(len(images))):
+        raise _SkipRow("bad ranks")
+    return caption, [_decode_image(value, base, resolution) for value in images], [int(r) for r in ranks]
 
 
 def _number(value: Any) -> float:

@@ -116,11 +116,39 @@ def pairwise_accuracy(r0: torch.Tensor, r1: torch.Tensor, label_0: torch.Tensor)
     return float(((signed > 0).float() + 0.5 * (signed == 0).float()).mean())
 
 
-class PreferenceLoss(nn.Module):
+class _Tempered(nn.Module):
+    """Scores divided by a fixed or learnable temperature T (learned as log T)."""
+
+    def __init__(self, temperature: float, learn_temperature: bool) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise PrefalignError(f"loss.temperature must be > 0 (got {temperature})")
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
+
+    @property
+    def temperature(self) -> float:
+        return float(self.log_temperature.detach().exp())
+
+
+class PlackettLuceLoss(_Tempered):
+    """`plackett_luce_loss` of scores / T over the first `top_k` places of each ranking (None: all of them)."""
+
+    def __init__(self, temperature: float = 1.0, learn_temperature: bool = False, top_k: int | None = None) -> None:
+        super().__init__(temperature, learn_temperature)
+        if top_k is not None and top_k < 1:
+            raise PrefalignError(f"loss.top_k must be ≥ 1 or null for the whole ranking (got {top_k})")
+        self.top_k = top_k
+
+    def forward(self, scores: torch.Tensor, ranks: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return plackett_luce_loss(scores / self.log_temperature.exp(), ranks, self.top_k, weight)
+
+
+class PreferenceLoss(_Tempered):
     """A pairwise loss with its own parameters: Δ = (r_0 − r_1) / T with a fixed or learnable temperature T
     (learned as log T), and for `btt` a fixed or learnable tie parameter θ (θ = 1 + exp(ρ), so θ > 1).
 
-    kind: "bt" (`bt_loss`, ties dropped), "soft" (`soft_label_loss`, PickScore), "btt" (`bt_ties_loss`).
+    kind: "bt" (`bt_loss`, ties dropped), "soft" (`soft_label_loss`, PickScore), "btt" (`bt_ties_loss`); ranked
+    groups take `PlackettLuceLoss`.
     """
 
     def __init__(
@@ -131,20 +159,14 @@ class PreferenceLoss(nn.Module):
         tie_theta: float = 5.0,  # HPSv3's default k
         learn_tie_theta: bool = False,
     ) -> None:
-        super().__init__()
         if kind not in PAIRWISE_KINDS:
-            raise PrefalignError(f"loss.kind '{kind}' is unknown; use one of {', '.join(PAIRWISE_KINDS)}")
-        if temperature <= 0 or tie_theta <= 1:
-            raise PrefalignError(
-                f"loss.temperature must be > 0 and loss.tie_theta > 1 (got {temperature}, {tie_theta})"
-            )
+            raise PrefalignError(f"loss.kind '{kind}' is unknown; use one of {', '.join(PAIRWISE_KINDS)} (pairs) or "
+                                 "plackett_luce (ranked groups)")
+        if tie_theta <= 1:
+            raise PrefalignError(f"loss.tie_theta must be > 1 (got {tie_theta})")
+        super().__init__(temperature, learn_temperature)
         self.kind = kind
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
         self.tie_rho = nn.Parameter(torch.tensor(math.log(tie_theta - 1)), requires_grad=learn_tie_theta)
-
-    @property
-    def temperature(self) -> float:
-        return float(self.log_temperature.detach().exp())
 
     @property
     def tie_theta(self) -> float:

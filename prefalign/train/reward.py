@@ -1,19 +1,22 @@
-"""`prefalign train-reward`: train a preference scorer on pairwise preferences, optionally step-aware (SPO's SPM).
+"""`prefalign train-reward`: train a preference scorer on pairs or ranked groups, optionally step-aware (SPO's SPM).
 
 What trains (`model.*`, scorers from `prefalign.rewards.trainable`): a CLIP-style scorer fully or through LoRA
 (PickScore / HPS-like), a head on frozen embeddings (aesthetic-style), or, with `model.time_conditioned`, SPO's
 step-aware preference model (Liang et al. 2024; RockeyCoss/SPO `step_aware_preference_model/`). The step-aware
 model sees each pair noised to one random t ~ U{0..T−1} with the *same* noise for both images, denoised in one
 step by the frozen base model with CFG, decoded, and scored together with t (`noised_x0`,
-`trainer/tasks/spm_task.py::get_noised_imgs`).
+`trainer/tasks/spm_task.py::get_noised_imgs`); the k images of a ranked group share one t and noise likewise.
 
 Loss (`loss.*`): PickScore's soft-label cross-entropy by default, Bradley–Terry without ties, or Bradley–Terry
-with ties; fixed or learnable temperature; per-prompt 1/n weights (PickScore). Evaluation every `eval.every`
-steps on the validation split at the timestep buckets `eval.timesteps` (fixed noise per pair and bucket):
-pairwise accuracy against the dataset labels (`acc*`) and, for the shapes world, against the oracle's noiseless
-preference (`acc_true*`); ties in the label are excluded from both. Results: metrics.csv, metrics.png,
-summary.json (with the label-noise ceiling of the validation pairs when the data carry oracle scores) and the
-scorer directory `scorer/` (loads with `prefalign.rewards.load("step-aware" or "trained", checkpoint=DIR)`).
+with ties; or, with `loss.kind=plackett_luce`, the Plackett–Luce likelihood of ranked groups (k images per
+prompt, the group format of `prefalign.train.preference_data`; `loss.top_k` places, 1 = HPSv2's best-of-group
+loss); fixed or learnable temperature; per-prompt 1/n weights (PickScore). Evaluation every `eval.every` steps
+on the validation split at the timestep buckets `eval.timesteps` (fixed noise per row and bucket): pairwise
+accuracy (over every two images of a group) against the dataset labels (`acc*`) and, for the shapes world,
+against the oracle's noiseless preference (`acc_true*`); ties in the label are excluded from both. Results:
+metrics.csv, metrics.png, summary.json (with the label-noise ceiling of the validation pairs when the data carry
+oracle scores) and the scorer directory `scorer/` (loads with `prefalign.rewards.load("step-aware" or "trained",
+checkpoint=DIR)`).
 """
 
 from __future__ import annotations
@@ -38,12 +41,14 @@ from prefalign.train.common import Checkpoint, MetricsLog, check_finite, lr_at, 
 from prefalign.train.policy import load_base_model
 from prefalign.train.preference_data import (
     SHAPES_SPLIT_SEED_OFFSET,
+    GroupBatch,
+    GroupData,
     PairBatch,
     PreferenceData,
-    collate_pairs,
+    load_group_data,
     load_preference_data,
 )
-from prefalign.train.preference_losses import PreferenceLoss, pairwise_accuracy
+from prefalign.train.preference_losses import PlackettLuceLoss, PreferenceLoss, pairwise_accuracy
 
 DEFAULTS: dict = {
     "seed": 0,
@@ -76,7 +81,10 @@ DEFAULTS: dict = {
         "guidance": 3.0,  # CFG of the x̂0 prediction (SPO: 5.0 with SD1.5/SDXL; the shapes demo samples at 3)
     },
     "loss": {
-        "kind": "soft",  # soft (PickScore, ties as 0.5/0.5) | bt (ties dropped) | btt (Bradley–Terry with ties)
+        # soft (PickScore, ties as 0.5/0.5) | bt (ties dropped) | btt (Bradley–Terry with ties) on pairs;
+        # plackett_luce on ranked groups (data in the group format, see prefalign/train/preference_data.py)
+        "kind": "soft",
+        "top_k": None,  # plackett_luce: the first top_k places of each ranking (None: all; 1: best of the group)
         "temperature": 1.0,
         "learn_temperature": False,
         "tie_theta": 5.0,
@@ -85,7 +93,7 @@ DEFAULTS: dict = {
     },
     "train": {
         "steps": 600,
-        "batch_size": 32,  # pairs per process and micro-batch
+        "batch_size": 32,  # pairs (or groups) per process and micro-batch
         "grad_accum": 1,
         "lr": 3e-4,
         "warmup_steps": 30,
@@ -164,19 +172,21 @@ def init_from(scorer, folder: str | Path) -> None:
     scorer.load_state_dict(loaded, strict=False)
 
 
-def _load_data(config: dict, log: Callable[[str], None]) -> tuple[PreferenceData, PreferenceData]:
+def _load_data(config: dict, log: Callable[[str], None]
+               ) -> tuple[PreferenceData | GroupData, PreferenceData | GroupData]:
     data = config["data"]
     kwargs = {"resolution": data["resolution"], "log": log}
-    train = load_preference_data(data["source"], data["split"], limit=data["limit"], **kwargs)
+    load = load_group_data if config["loss"]["kind"] == "plackett_luce" else load_preference_data
+    train = load(data["source"], data["split"], limit=data["limit"], **kwargs)
     if data["val_split"] is None:
         train, val = train.split_by_caption(data["val_fraction"], config["seed"])
-        log(f"[data] held out {len(val)} pairs ({len(set(val.captions))} captions) for validation")
+        log(f"[data] held out {len(val)} rows ({len(set(val.captions))} captions) for validation")
     else:
         source = data["val_source"] or data["source"]
         if data["val_source"] is None and Path(source).is_file():
             raise PrefalignError(f"data.source {source} is one file: set data.val_source to a validation file, "
                                  "or data.val_split=null to hold out data.val_fraction of its captions")
-        val = load_preference_data(source, data["val_split"], limit=data["val_limit"], **kwargs)
+        val = load(source, data["val_split"], limit=data["val_limit"], **kwargs)
     if data["val_limit"] is not None and len(val) > data["val_limit"]:
         val = val.subset(range(data["val_limit"]))
     return train, val
@@ -196,19 +206,19 @@ def _build_scorer(config: dict, device: torch.device) -> tuple[torch.nn.Module, 
     return scorer.to(device).train(), params
 
 
-def _draw(data: PreferenceData, base, draw: int, batch_size: int, accelerator, seed: int
-          ) -> tuple[PairBatch, torch.Tensor | None, torch.Tensor | None]:
+def _draw(data: PreferenceData | GroupData, base, draw: int, batch_size: int, accelerator, seed: int
+          ) -> tuple[PairBatch | GroupBatch, torch.Tensor | None, torch.Tensor | None]:
     """This process's share of global batch number `draw`, and for step-aware training (a base model given) each
-    pair's t ~ U{0..T−1} and noise. The whole global batch is drawn on every process from the same seed, and each
-    takes its slice, so a run gives the same batches on any number of processes."""
+    pair's (group's) t ~ U{0..T−1} and noise. The whole global batch is drawn on every process from the same seed,
+    and each takes its slice, so a run gives the same batches on any number of processes."""
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = slice(rank * batch_size, (rank + 1) * batch_size)
-    batch = collate_pairs([data[i] for i in _batch_indices(len(data), draw, batch_size * world, seed)[mine].tolist()])
+    batch = data.batch(_batch_indices(len(data), draw, batch_size * world, seed)[mine].tolist())
     if base is None:
         return batch, None, None
     g = torch.Generator().manual_seed(seed * 1_000_003 + draw)
     t = torch.randint(0, base.schedule.num_timesteps, (batch_size * world,), generator=g)[mine]
-    noise = torch.randn((batch_size * world, *x0_shape(base, batch.images_0)), generator=g)[mine]
+    noise = torch.randn((batch_size * world, *x0_shape(base, batch.candidates)), generator=g)[mine]
     return batch, t, noise
 
 
@@ -225,23 +235,51 @@ def _batch_indices(n: int, draw: int, size: int, seed: int) -> torch.Tensor:
     return out
 
 
+def _scorer_inputs(base, candidates: torch.Tensor, captions: list[str], t: torch.Tensor | None,
+                   noise: torch.Tensor | None, guidance: float) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+    """(images, prompts, t) for one scorer call on [B, K] candidates, candidate-major (every row's first image, then
+    every second, ...): the clean images, or each noised with its row's t and noise, denoised by the base model
+    (`noised_x0`)."""
+    k = candidates.shape[1]
+    images, prompts = candidates.transpose(0, 1).flatten(0, 1), list(captions) * k
+    if t is None:
+        return images, prompts, None
+    t_k = t.repeat(k)
+    return noised_x0(base, images, t_k, noise.repeat(k, *[1] * (noise.ndim - 1)), prompts, guidance), prompts, t_k
+
+
+def _candidate_scores(scorer, base, batch: PairBatch | GroupBatch, t: torch.Tensor | None, noise: torch.Tensor | None,
+                      guidance: float, device: torch.device) -> torch.Tensor:
+    """Scores [B, K] of a batch's candidates in one scorer call (see `_scorer_inputs`)."""
+    candidates = batch.candidates
+    images, prompts, t_k = _scorer_inputs(base, candidates.to(device), batch.captions, t, noise, guidance)
+    out = scorer(images.to(device), prompts, None if t_k is None else t_k.to(device))
+    return out.view(candidates.shape[1], -1).T
+
+
 def _pair_scores(scorer, base, batch: PairBatch, t: torch.Tensor | None, noise: torch.Tensor | None,
                  guidance: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores (r_0, r_1) of a batch in one scorer call: clean images, or both images noised with the same noise
-    at the pair's t and denoised by the base model (`noised_x0`)."""
-    images, prompts = torch.cat([batch.images_0, batch.images_1]).to(device), batch.captions * 2
-    if t is None:
-        return scorer(images, prompts).chunk(2)
-    t2 = torch.cat([t, t]).to(device)
-    images = noised_x0(base, images, t2, torch.cat([noise, noise]), prompts, guidance)
-    return scorer(images, prompts, t2).chunk(2)
+    """Scores (r_0, r_1) of a batch of pairs; both images of a pair share t and noise."""
+    return _candidate_scores(scorer, base, batch, t, noise, guidance, device).unbind(1)
+
+
+def _batch_loss(scorer, loss_fn, base, batch: PairBatch | GroupBatch, t: torch.Tensor | None,
+                noise: torch.Tensor | None, config: dict, device: torch.device) -> torch.Tensor:
+    weight = batch.weight.to(device) if config["loss"]["per_prompt_weighting"] else None
+    guidance = config["step_aware"]["guidance"]
+    if isinstance(batch, GroupBatch):
+        scores = _candidate_scores(scorer, base, batch, t, noise, guidance, device)
+        return loss_fn(scores.float(), batch.ranks.to(device), weight)
+    r0, r1 = _pair_scores(scorer, base, batch, t, noise, guidance, device)
+    return loss_fn(r0.float(), r1.float(), batch.label_0.to(device), weight)
 
 
 class _Evaluator:
-    """Validation accuracy per timestep bucket on this process's share of the pairs, gathered across processes.
-    Each pair has fixed noise per bucket (seeded by its row and the bucket); the decoded x̂0 images are cached."""
+    """Validation accuracy per timestep bucket on this process's share of the rows (pairs or groups), gathered
+    across processes. Each row has fixed noise per bucket (seeded by its index and the bucket); the decoded x̂0
+    images are cached."""
 
-    def __init__(self, val: PreferenceData, base, config: dict, accelerator) -> None:
+    def __init__(self, val: PreferenceData | GroupData, base, config: dict, accelerator) -> None:
         ev = config["eval"]
         self.val, self.base, self.accelerator, self.batch_size = val, base, accelerator, ev["batch_size"]
         self.guidance, self.seed = config["step_aware"]["guidance"], ev["noise_seed"]
@@ -251,22 +289,22 @@ class _Evaluator:
         # Pad this process's share to equal length (gather needs it) by repeating its last row.
         rows = list(range(rank, len(val), world)) or [len(val) - 1]
         self.rows = (rows + rows[-1:] * per_process)[:per_process]
-        pixels = len(val) * len(self.buckets) * 2 * val.images_0[0].numel() * 4
+        pixels = len(val) * len(self.buckets) * val.batch([0]).candidates.numel() * 4
         self.cache: dict[tuple, torch.Tensor] | None = {} if pixels <= ev["cache_max_bytes"] else None
 
-    def _inputs(self, batch: PairBatch, bucket: int | None, start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _inputs(self, batch: PairBatch | GroupBatch, bucket: int | None, start: int
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = (bucket, start)
         if self.cache is not None and key in self.cache:
             images = self.cache[key]
-        elif bucket is None:
-            images = torch.cat([batch.images_0, batch.images_1])
         else:
-            shape = x0_shape(self.base, batch.images_0)
-            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
-                self.seed * 1_000_003 + int(i) * 1000 + bucket)) for i in batch.index])
-            t = torch.full((len(batch.captions),), bucket)
-            images = noised_x0(self.base, torch.cat([batch.images_0, batch.images_1]), torch.cat([t, t]),
-                               torch.cat([noise, noise]), batch.captions * 2, self.guidance).cpu()
+            t = noise = None
+            if bucket is not None:
+                shape = x0_shape(self.base, batch.candidates)
+                noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+                    self.seed * 1_000_003 + int(i) * 1000 + bucket)) for i in batch.index])
+                t = torch.full((len(batch.captions),), bucket)
+            images = _scorer_inputs(self.base, batch.candidates, batch.captions, t, noise, self.guidance)[0].cpu()
         if self.cache is not None:
             self.cache[key] = images
         return images, None if bucket is None else torch.full((len(images),), bucket)
@@ -276,25 +314,29 @@ class _Evaluator:
         device, row = self.accelerator.device, {}
         scorer.eval()
         totals = {"acc": [], "acc_true": [], "val_loss": []}
+        pair_rows, first, second, labels = self.val.pairs()  # every two candidates of a group, or the pairs
         for bucket in self.buckets:
             scores = []
             for start in range(0, len(self.rows), self.batch_size):
-                batch = collate_pairs([self.val[i] for i in self.rows[start:start + self.batch_size]])
+                batch = self.val.batch(self.rows[start:start + self.batch_size])
                 images, t = self._inputs(batch, bucket, start)
+                k = len(images) // len(batch.captions)
                 with self.accelerator.autocast():
-                    out = scorer(images.to(device), batch.captions * 2, None if t is None else t.to(device))
-                scores.append(torch.stack(out.float().chunk(2), 1))
-            gathered = self.accelerator.gather(torch.cat(scores)).cpu()  # [world * share, 2], rows interleaved
+                    out = scorer(images.to(device), batch.captions * k, None if t is None else t.to(device))
+                scores.append(out.float().view(k, -1).T)
+            gathered = self.accelerator.gather(torch.cat(scores)).cpu()  # [world * share, K], rows interleaved
             index = self.accelerator.gather(torch.tensor(self.rows, device=device)).cpu()
-            r = torch.zeros(len(self.val), 2)
+            r = torch.zeros(len(self.val), gathered.shape[1])
             r[index] = gathered
             name = _bucket("clean" if bucket is None else bucket)
-            row[f"acc_{name}"] = pairwise_accuracy(r[:, 0], r[:, 1], self.val.label_0)
-            row[f"val_loss_{name}"] = float(loss_fn(r[:, 0], r[:, 1], self.val.label_0))
+            r0, r1 = r[pair_rows, first], r[pair_rows, second]
+            row[f"acc_{name}"] = pairwise_accuracy(r0, r1, labels["label_0"])
+            loss = loss_fn(r, self.val.ranks) if isinstance(self.val, GroupData) else loss_fn(r0, r1, labels["label_0"])
+            row[f"val_loss_{name}"] = float(loss)
             totals["acc"].append(row[f"acc_{name}"])
             totals["val_loss"].append(row[f"val_loss_{name}"])
-            if "true_label_0" in self.val.extras:
-                row[f"acc_true_{name}"] = pairwise_accuracy(r[:, 0], r[:, 1], self.val.extras["true_label_0"])
+            if "true_label_0" in labels:
+                row[f"acc_true_{name}"] = pairwise_accuracy(r0, r1, labels["true_label_0"])
                 totals["acc_true"].append(row[f"acc_true_{name}"])
         scorer.train()
         # Every bucket has the same pairs, so the pooled accuracy is the mean over buckets.
@@ -312,13 +354,15 @@ def _peak_memory_mb(device: torch.device) -> float | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def label_noise_ceiling_of(data: PreferenceData) -> float | None:
-    """The label-noise ceiling (prefalign.shapes.labels.label_noise_ceiling) of pairs that carry oracle scores."""
+def label_noise_ceiling_of(data: PreferenceData | GroupData) -> float | None:
+    """The label-noise ceiling (prefalign.shapes.labels.label_noise_ceiling) of pairs that carry oracle scores; for
+    ranked groups, of every two images of a group (a Plackett–Luce ranking orders them with the pairs' σ(Δ/T))."""
     from prefalign.shapes.labels import label_noise_ceiling
 
-    if not {"oracle_0", "oracle_1"} <= set(data.extras) or "temperature" not in data.meta:
+    columns = data.pairs()[3]
+    if not {"oracle_0", "oracle_1"} <= set(columns) or "temperature" not in data.meta:
         return None
-    return label_noise_ceiling(data.extras["oracle_0"], data.extras["oracle_1"], data.meta["temperature"],
+    return label_noise_ceiling(columns["oracle_0"], columns["oracle_1"], data.meta["temperature"],
                                data.meta["tie_margin"])
 
 
@@ -365,8 +409,11 @@ def train(config: dict, run_dir: Path, log: Callable[[str], None] = print) -> Pa
         raise PrefalignError("model.time_conditioned needs step_aware.base_model (e.g. shapes-teacher) to make "
                              "the noised x̂0 inputs; or set model.time_conditioned=false")
     lcfg = config["loss"]
-    loss_fn = PreferenceLoss(lcfg["kind"], lcfg["temperature"], lcfg["learn_temperature"], lcfg["tie_theta"],
-                             lcfg["learn_tie_theta"]).to(device)
+    if lcfg["kind"] == "plackett_luce":
+        loss_fn = PlackettLuceLoss(lcfg["temperature"], lcfg["learn_temperature"], lcfg["top_k"]).to(device)
+    else:
+        loss_fn = PreferenceLoss(lcfg["kind"], lcfg["temperature"], lcfg["learn_temperature"], lcfg["tie_theta"],
+                                 lcfg["learn_tie_theta"]).to(device)
     train_data, val_data = _load_data(config, say)
     scorer, params = _build_scorer(config, device)
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
@@ -402,9 +449,7 @@ def train(config: dict, run_dir: Path, log: Callable[[str], None] = print) -> Pa
             batch, t, noise = _draw(train_data, base if model_cfg["time_conditioned"] else None, step * accum + micro,
                                     batch_size, accelerator, config["seed"])
             with accelerator.accumulate(model):
-                r0, r1 = _pair_scores(model, base, batch, t, noise, step_cfg["guidance"], device)
-                weight = batch.weight.to(device) if lcfg["per_prompt_weighting"] else None
-                loss = loss_fn(r0.float(), r1.float(), batch.label_0.to(device), weight)
+                loss = _batch_loss(model, loss_fn, base, batch, t, noise, config, device)
                 reduced = accelerator.reduce(loss.detach(), "mean")  # every process stops at the same step
                 check_finite(reduced, step + 1, checkpoint)
                 recent.append(float(reduced))
