@@ -86,8 +86,21 @@ def stage_leaderboard(ctx: DemoContext) -> None:
         "device": str(ctx.device), "batch_size": 32, "out": str(ctx.run_dir / "leaderboard"),
     }
     suite = suite_from_prompts("shapes-val", ctx.prompts, "built-in", f"first {len(ctx.prompts)} prompts")
-    ctx.results["leaderboard"] = run_bench(config, ctx.log, generators, suite).leaderboard
+    ctx.results["leaderboard"] = board = run_bench(config, ctx.log, generators, suite).leaderboard
+    if ctx.generators:
+        ctx.log(verdict_line(board, list(ctx.generators), ctx.config["rewards"][0]))
     write_prompt_grids(ctx.run_dir / "leaderboard", ctx.run_dir / "grids", ctx.config["rewards"][0])
+
+
+def verdict_line(board: pd.DataFrame, names: list[str], reward: str) -> str:
+    """One line: does each named row beat the teacher on `reward` (paired per-prompt win rate, 95% CI vs 50%)?"""
+    parts = []
+    for name in names:
+        row = board.set_index("generator").loc[name]
+        win, low, high = (row[f"win_{reward}{suffix}"] for suffix in ("", "_ci_low", "_ci_high"))
+        verdict = "beats the teacher" if low > 0.5 else "below the teacher" if high < 0.5 else "tie (CI spans 50%)"
+        parts.append(f"{name} {win:.0%} [{low:.0%}, {high:.0%}] {verdict}")
+    return f"[demo] {reward} win rate vs the teacher (paired by prompt, 95% CI): " + "; ".join(parts)
 
 
 def write_prompt_grids(bench_dir: Path, out_dir: Path, score: str) -> None:
