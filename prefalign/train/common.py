@@ -126,8 +126,9 @@ class MetricsLog:
                 self.rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
     def truncate(self, step: int) -> None:
-        """Drop rows logged after `step` (a resumed run recomputes them)."""
-        self.rows = [r for r in self.rows if r.get("step", 0) <= step]
+        """Drop the rows a run continuing from checkpoint `step` recomputes: those after `step`, and all of them
+        when there is no checkpoint yet (step 0: a run killed before its first checkpoint logs step 0 again)."""
+        self.rows = [r for r in self.rows if 0 < r.get("step", 0) <= step]
 
     def append(self, row: Mapping) -> None:
         self.rows.append(dict(row))
