@@ -207,7 +207,7 @@ def _check_value(dotted: str, value: Any, default: Any, field: Field) -> Any:
 
 
 def _coerce(dotted: str, value: Any, expected: type | None, default: Any, field: Field) -> Any:
-    if expected is None or field.free and expected is dict:
+    if expected is None or field.free:
         if field.free and not isinstance(value, Mapping):
             raise PrefalignError(f"config key '{dotted}' expects a mapping, got {_show(value)}")
         return value

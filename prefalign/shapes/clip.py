@@ -243,7 +243,7 @@ def load_shapes_clip(
     if not weights.is_file() or not config_path.is_file():
         raise PrefalignError(
             f"shapes-clip checkpoint not found in {folder} (needs {WEIGHTS_FILE} and {CONFIG_FILE}); "
-            "recreate it with: prefalign shapes train-clip --out prefalign/assets/shapes_clip"
+            "recreate it with: python -m prefalign.shapes.clip --out prefalign/assets/shapes_clip"
         )
     try:
         raw = json.loads(config_path.read_text())["config"]
