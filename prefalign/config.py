@@ -124,7 +124,8 @@ class Field:
 
     `type` is inferred from the default when not given (needed when the default is None); `nullable` defaults to
     "the default is None". `free` marks a mapping whose keys are not checked (e.g. a model architecture passed
-    to diffusers, reward name -> checkpoint).
+    to diffusers, reward name -> checkpoint). `aliases`: the name the same idea has in other commands, suggested
+    when a user writes it here.
     """
 
     doc: str
@@ -135,6 +136,7 @@ class Field:
     choices: tuple | None = None
     nullable: bool | None = None
     free: bool = False
+    aliases: tuple[str, ...] = ()
 
 
 Schema = Mapping[str, Field]
@@ -146,7 +148,8 @@ def validate_config(config: dict, defaults: Mapping, schema: Schema, command: st
     """Check `config` against `defaults` + `schema` in place (ints become floats where a number is expected, a
     single string becomes a one-element list); the first problem is a one-line PrefalignError."""
     known = sorted(set(_leaf_keys(defaults)) | set(schema))
-    _check_node(config, defaults, schema, "", known, command)
+    aliases = {alias: key for key, field in schema.items() for alias in field.aliases}
+    _check_node(config, defaults, schema, "", (known, aliases), command)
     return config
 
 
@@ -159,7 +162,8 @@ def _leaf_keys(node: Mapping, prefix: str = "") -> Iterable[str]:
             yield dotted
 
 
-def _check_node(node: dict, defaults: Mapping, schema: Schema, prefix: str, known: list[str], command: str) -> None:
+def _check_node(node: dict, defaults: Mapping, schema: Schema, prefix: str, known: tuple[list[str], dict],
+                command: str) -> None:
     for key in list(node):
         dotted = f"{prefix}{key}"
         field = schema.get(dotted)
@@ -177,9 +181,10 @@ def _check_node(node: dict, defaults: Mapping, schema: Schema, prefix: str, know
             node[key] = _check_value(dotted, node[key], default, field or Field(""))
 
 
-def _unknown_key(dotted: str, known: list[str], command: str) -> str:
+def _unknown_key(dotted: str, known_and_aliases: tuple[list[str], dict], command: str) -> str:
+    known, aliases = known_and_aliases
     leaf = dotted.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6) or [
+    close = [aliases[dotted]] if dotted in aliases else difflib.get_close_matches(dotted, known, n=1, cutoff=0.6) or [
         k for k in known if k.rsplit(".", 1)[-1] == leaf][:1]
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"config key '{dotted}' is not a setting of {command}{hint} (--show-config lists them)"
@@ -197,7 +202,7 @@ def _check_value(dotted: str, value: Any, default: Any, field: Field) -> Any:
     value = _coerce(dotted, value, expected, default, field)
     if field.choices is not None and value not in field.choices:
         options = ", ".join(str(c) for c in field.choices)
-        raise PrefalignError(f"config key '{dotted}' is {_show(value)}; use one of {options}")
+        raise PrefalignError(f"config key {dotted} {_show(value)} unknown; use one of {options}")
     if isinstance(value, int | float) and not isinstance(value, bool):
         for bound, ok, words in ((field.ge, lambda b: value >= b, ">="), (field.gt, lambda b: value > b, ">"),
                                  (field.le, lambda b: value <= b, "<=")):

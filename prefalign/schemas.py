@@ -24,14 +24,16 @@ RUN: dict[str, Field] = {
     "resume": Field("continue the run in `out` from its checkpoint (--resume)"),
 }
 def _optimiser(steps_key: str = "steps", warmup_key: str = "warmup_steps") -> dict[str, Field]:
+    other = ("train.steps", "train.warmup_steps") if steps_key != "steps" else ()
     return {
         f"train.{steps_key}": Field("optimizer steps in total" if steps_key == "steps" else
-                                    "sampling rounds in total (one optimizer pass over each round's pairs)", ge=1),
+                                    "sampling rounds in total (one optimizer pass over each round's pairs)", ge=1,
+                                    aliases=other[:1]),
         "train.batch_size": Field("examples per process and micro-batch", ge=1),
         "train.grad_accum": Field("micro-batches accumulated per optimizer step", ge=1),
         "train.lr": Field("peak learning rate", gt=0),
         "train.lr_schedule": Field("constant or cosine decay to 10 % after the warm-up", choices=LR_SCHEDULES),
-        f"train.{warmup_key}": Field("linear learning-rate warm-up length", ge=0),
+        f"train.{warmup_key}": Field("linear learning-rate warm-up length", ge=0, aliases=other[1:]),
         "train.weight_decay": Field("AdamW weight decay", ge=0),
         "train.grad_clip": Field("clip the gradient norm to this (0 or null: no clipping)", type=float, ge=0,
                                  nullable=True),
@@ -48,7 +50,8 @@ def _policy() -> dict[str, Field]:
     return {
         "model": Field("base pipeline: null or shapes-teacher[:DIR] (the shapes teacher) or a diffusers "
                        "pipeline directory", type=str),
-        "policy.lora_rank": Field("LoRA rank of the trained adapter; null: full fine-tuning", type=int, ge=1),
+        "policy.lora_rank": Field("LoRA rank of the trained adapter; null: full fine-tuning", type=int, ge=1,
+                                  nullable=True),
         "policy.lora_alpha": Field("LoRA alpha; null: equal to the rank", type=float, gt=0),
         "policy.lora_targets": Field("module names that get LoRA adapters"),
         "policy.reference": Field("frozen reference: copy (a frozen copy) or adapter (the base with LoRA off)",
@@ -60,7 +63,7 @@ def _sampled_eval(unit: str = "steps") -> dict[str, Field]:
     return {
         "eval.every": Field(f"evaluate at 0, every N {unit} and at the end; 0: never", ge=0),
         "eval.prompts": Field("held-out prompts: shapes-val, shapes-train or a prompt file"),
-        "eval.num_prompts": Field("how many of those prompts", type=int, ge=1),
+        "eval.num_prompts": Field("how many of those prompts; null: all", type=int, ge=1, nullable=True),
         "eval.samples_per_prompt": Field("images per prompt (seeds eval.seed + i)", ge=1),
         "eval.seed": Field("first sampling seed of the evaluation (the same noise for every model)", ge=0),
         "eval.steps": Field("sampler steps of evaluation images", ge=1),
@@ -106,7 +109,7 @@ SPO: Schema = {
     "sample.eta": Field("DDIM eta of the trajectories (1: stochastic, as SPO)", ge=0),
     "sample.guidance": Field("classifier-free guidance scale while sampling", ge=0),
     "sample.pool_size": Field("candidates per step; the best and worst form a pair", ge=2),
-    "sample.threshold": Field("minimum preference-score gap for a pair to train on", ge=0),
+    "sample.threshold": Field("minimum preference-score gap for a pair to train on (negative: keep every pair)"),
     "sample.timestep_range": Field("[low, high]: train on steps with t in this range"),
     "sample.batch_size": Field("prompts per sampling call", ge=1),
     "sample.negative_prompt": Field("negative prompt of the unconditional branch"),
@@ -114,7 +117,7 @@ SPO: Schema = {
     "train.adam_eps": Field("AdamW epsilon", gt=0),
     "train.beta": Field("DPO beta of the step-wise loss", gt=0),
     "train.clamp_eps": Field("clamp the ratio to [1 - eps, 1 + eps] (D3PO); null: plain step-wise DPO",
-                             type=float, gt=0),
+                             type=float, gt=0, nullable=True),
     "train.logprob": Field("mean (official) or sum of the transition log-density", choices=("mean", "sum")),
 }
 
@@ -132,7 +135,7 @@ DIPP: Schema = {
     "guidance": Field("CFG scale of the reference score", ge=0),
     "generator.t_init": Field("timestep the one-step generator starts from; null: by parameterisation",
                               type=int, ge=0),
-    "generator.lr": Field("generator learning rate", gt=0),
+    "generator.lr": Field("generator learning rate", gt=0, aliases=("train.lr",)),
     "generator.ema_decay": Field("EMA of the generator weights for evaluation and saving; null: off",
                                  type=float, gt=0, le=1),
     "generator.lora_rank": Field("LoRA rank of the generator; null: full fine-tuning", type=int, ge=1),
@@ -149,11 +152,12 @@ DIPP: Schema = {
     "train.ikl_weighting": Field("w(t): x0 (Diff-Instruct) or dmd (normalised per sample)", choices=("x0", "dmd")),
     "eval.every": Field("evaluate at 0, every N steps and at the end; 0: never", ge=0),
     "eval.prompts": Field("held-out prompts: shapes-val, shapes-train or a prompt file"),
-    "eval.num_prompts": Field("how many of those prompts", ge=1),
+    "eval.num_prompts": Field("how many of those prompts; null: all", type=int, ge=1, nullable=True),
     "eval.samples_per_prompt": Field("images per prompt", ge=1),
     "eval.seed": Field("first sampling seed of the evaluation", ge=0),
     "eval.rewards": Field("rewards scored besides the training reward"),
-    "checkpoint_every": Field("write checkpoint.pt every N steps (and at the end)", ge=1),
+    "checkpoint_every": Field("write checkpoint.pt every N steps (and at the end)", ge=1,
+                              aliases=("train.checkpoint_every",)),
 }
 
 TRAIN_REWARD: Schema = {
@@ -166,7 +170,7 @@ TRAIN_REWARD: Schema = {
     "data.split": Field("training split"),
     "data.val_source": Field("validation pairs; null: data.source", type=str),
     "data.val_split": Field("validation split; null: hold out data.val_fraction of the training captions",
-                            type=str),
+                            type=str, nullable=True),
     "data.val_fraction": Field("fraction of captions held out when there is no validation split", gt=0, le=0.5),
     "data.resolution": Field("resize + centre-crop images to this size at load time (mixed sizes)", type=int, ge=1),
     "data.limit": Field("use at most this many training pairs; null: all", type=int, ge=1),
@@ -183,7 +187,7 @@ TRAIN_REWARD: Schema = {
     "model.lora_alpha": Field("LoRA alpha; null: the rank", type=float, gt=0),
     "model.options": Field("backbone options, e.g. with_text for heads, pipeline for open_clip", free=True),
     "step_aware.base_model": Field("model predicting x0 from noised pairs: shapes-teacher[:DIR], a pipeline "
-                                   "directory, or null for clean images", type=str),
+                                   "directory, or null for clean images", type=str, nullable=True),
     "step_aware.guidance": Field("CFG scale of the x0 prediction", ge=0),
     "loss.kind": Field("soft (PickScore ties 0.5/0.5), bt (ties dropped) or btt (Bradley-Terry with ties)",
                        choices=PAIRWISE_KINDS),
@@ -267,7 +271,8 @@ PRETRAIN: Schema = {
     "eval.num_samples": Field("samples scored by the oracle at each evaluation", ge=0),
     "eval.sample_steps": Field("sampler steps of those samples", ge=1),
     "eval.guidance": Field("CFG scale of those samples", ge=0),
-    "checkpoint_every": Field("write checkpoint.pt every N steps (and at the end)", ge=1),
+    "checkpoint_every": Field("write checkpoint.pt every N steps (and at the end)", ge=1,
+                              aliases=("train.checkpoint_every",)),
     "save_dtype": Field("dtype of the saved teacher; null: float32", type=str, choices=SAVE_DTYPES, nullable=True),
     "arch": Field("teacher architecture, passed to diffusers/transformers as it is", free=True),
 }

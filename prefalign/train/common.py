@@ -128,7 +128,7 @@ class MetricsLog:
     def truncate(self, step: int) -> None:
         """Drop the rows a run continuing from checkpoint `step` recomputes: those after `step`, and all of them
         when there is no checkpoint yet (step 0: a run killed before its first checkpoint logs step 0 again)."""
-        self.rows = [r for r in self.rows if 0 < r.get("step", 0) <= step]
+        self.rows = [r for r in self.rows if r.get("step", 0) <= step] if step > 0 else []
 
     def append(self, row: Mapping) -> None:
         self.rows.append(dict(row))
