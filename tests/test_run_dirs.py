@@ -101,27 +101,15 @@ def test_metrics_log_drops_everything_when_no_checkpoint_was_written(tmp_path):
     assert again.rows == []
 
 
-def _killer(module, name: str, at_calls: set[int]):
-    """Replace `module.name` with a copy that raises (as a kill would stop the run) on the given call numbers."""
-    real, calls = getattr(module, name), {"n": 0}
-
-    def wrapped(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] in at_calls:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
-
-    return wrapped
-
-
-def _same_csv(a, b, file: str) -> None:
+def same_csv(a, b, file: str) -> None:
+    """The two runs' CSVs agree in every column but wall-clock time."""
     left, right = (pd.read_csv(d / file) for d in (a, b))
     timing = [c for c in left.columns if c.startswith("seconds")]
     pd.testing.assert_frame_equal(left.drop(columns=timing), right.drop(columns=timing))
 
 
 @pytest.mark.usefixtures("single_thread")
-def test_dpo_killed_before_and_after_its_first_checkpoint_resumes_to_the_same_files(tmp_path, monkeypatch):
+def test_dpo_killed_before_and_after_its_first_checkpoint_resumes_to_the_same_files(tmp_path, kill_on_calls):
     pairs = make_preference_dataset(tmp_path / "pairs", 16, seed=3).path
     model = save_tiny_pipeline(tmp_path / "pipe", "pixel")
     overrides = [f"model={model}", f"data.source={pairs}", "train.steps=4", "train.batch_size=2", "train.lr=1e-3",
@@ -134,20 +122,20 @@ def test_dpo_killed_before_and_after_its_first_checkpoint_resumes_to_the_same_fi
 
     run(tmp_path / "straight")
     # Killed at step 2 (no checkpoint yet), then at step 4 (checkpoint at 3, one loss not yet logged).
-    monkeypatch.setattr(dpo, "dpo_step", _killer(dpo, "dpo_step", {2, 6}))
+    kill_on_calls(dpo, "dpo_step", {2, 6})
     for _ in range(2):
         with pytest.raises(KeyboardInterrupt):
             run(tmp_path / "killed", resume=True)
     run(tmp_path / "killed", resume=True)
     assert [r["step"] for r in MetricsLog(tmp_path / "killed" / "eval.csv").rows] == [0, 2, 4]
     for file in ("metrics.csv", "eval.csv"):
-        _same_csv(tmp_path / "straight", tmp_path / "killed", file)
+        same_csv(tmp_path / "straight", tmp_path / "killed", file)
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("straight", "killed"))
     assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in a["trainable"])
 
 
 @pytest.mark.usefixtures("single_thread")
-def test_train_reward_killed_between_evaluations_resumes_to_the_same_metrics(tmp_path, monkeypatch):
+def test_train_reward_killed_between_evaluations_resumes_to_the_same_metrics(tmp_path, kill_on_calls):
     tiny = {"device": "cpu", "data": {"source": "shapes:web?n=24&seed=0", "val_limit": 12},
             "step_aware": {"base_model": None}, "model": {"time_conditioned": False},
             "train": {"steps": 4, "batch_size": 4, "warmup_steps": 0, "checkpoint_every": 3}, "eval": {"every": 2}}
@@ -157,9 +145,9 @@ def test_train_reward_killed_between_evaluations_resumes_to_the_same_metrics(tmp
         reward.train(config, prepare_run_dir(config), log=lambda _: None)
 
     run(tmp_path / "straight")
-    monkeypatch.setattr(reward, "_pair_scores", _killer(reward, "_pair_scores", {4}))
+    kill_on_calls(reward, "_pair_scores", {4})
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "killed")
     run(tmp_path / "killed", resume=True)
-    _same_csv(tmp_path / "straight", tmp_path / "killed", "metrics.csv")
+    same_csv(tmp_path / "straight", tmp_path / "killed", "metrics.csv")
 
