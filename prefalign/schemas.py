@@ -23,6 +23,13 @@ RUN: dict[str, Field] = {
     "out": Field("run directory: config.yaml, checkpoints, metrics and results go here", type=str),
     "resume": Field("continue the run in `out` from its checkpoint (--resume)"),
 }
+LOG: dict[str, Field] = {
+    "log.with": Field("experiment tracker that also gets every metrics row: tensorboard or wandb (via accelerate)",
+                      type=str, choices=("tensorboard", "wandb")),
+    "log.project": Field("tracker project name; null: prefalign", type=str),
+}
+
+
 def _optimiser(steps_key: str = "steps", warmup_key: str = "warmup_steps") -> dict[str, Field]:
     other = ("train.steps", "train.warmup_steps") if steps_key != "steps" else ()
     return {
@@ -88,7 +95,7 @@ def _timesteps(prefix: str) -> dict[str, Field]:
 
 
 DPO: Schema = {
-    **RUN, **_optimiser(), **_policy(), **_sampled_eval(), **_timesteps("loss"),
+    **RUN, **LOG, **_optimiser(), **_policy(), **_sampled_eval(), **_timesteps("loss"),
     "data.source": Field("preference pairs: shapes:web?n=N&seed=S, a Pick-a-Pic directory/parquet or a "
                          "`shapes labels` directory"),
     "data.split": Field("split of the data source to train on"),
@@ -101,7 +108,7 @@ DPO: Schema = {
 }
 
 SPO: Schema = {
-    **RUN, **_optimiser("rounds", "warmup_rounds"), **_policy(), **_sampled_eval("rounds"),
+    **RUN, **LOG, **_optimiser("rounds", "warmup_rounds"), **_policy(), **_sampled_eval("rounds"),
     "preference.checkpoint": Field("step-aware preference model directory (`prefalign train-reward`)", type=str),
     "data.prompts": Field("training prompts: shapes-train, shapes-val or a prompt file"),
     "data.num_prompts": Field("use the first N prompts; null: all", type=int, ge=1),
@@ -122,7 +129,7 @@ SPO: Schema = {
 }
 
 DIPP: Schema = {
-    **RUN,
+    **RUN, **LOG,
     **{k: v for k, v in _optimiser().items() if k in (
         "train.steps", "train.batch_size", "train.grad_accum", "train.lr_schedule", "train.warmup_steps",
         "train.grad_clip", "train.mixed_precision", "save_dtype")},
@@ -161,7 +168,7 @@ DIPP: Schema = {
 }
 
 TRAIN_REWARD: Schema = {
-    **RUN,
+    **RUN, **LOG,
     **{k: v for k, v in _optimiser().items() if k in (
         "train.steps", "train.batch_size", "train.grad_accum", "train.lr", "train.lr_schedule", "train.warmup_steps",
         "train.weight_decay", "train.grad_clip", "train.mixed_precision", "train.checkpoint_every")},

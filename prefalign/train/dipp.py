@@ -49,6 +49,7 @@ DEFAULTS: dict = {
     "device": "auto",
     "out": None,
     "resume": False,
+    "log": {"with": None, "project": None},  # experiment tracker: tensorboard | wandb (train.common.make_accelerator)
     "model": None,  # reference diffusion model: None / "shapes-teacher[:DIR]" / a diffusers pipeline directory
     "prompts": "shapes-train",  # shapes-train / shapes-val / a prompt file
     # α_rew = reward.alpha (0: Diff-Instruct; the reward is then never loaded). spec: any registry reward or

@@ -61,6 +61,7 @@ DEFAULTS: dict = {
     "device": "auto",
     "out": None,
     "resume": False,
+    "log": {"with": None, "project": None},  # experiment tracker: tensorboard | wandb (train.common.make_accelerator)
     "model": None,  # base pipeline: None / "shapes-teacher[:DIR]" (the shapes teacher) or a pipeline directory
     "data": {"source": "shapes:web?n=4000&seed=1", "split": "train", "limit": None},
     "policy": {"lora_rank": None, "lora_alpha": None, "lora_targets": list(DEFAULT_LORA_TARGETS),

@@ -50,6 +50,7 @@ DEFAULTS: dict = {
     "device": "auto",
     "out": "runs/train-reward",
     "resume": False,
+    "log": {"with": None, "project": None},  # experiment tracker: tensorboard | wandb (train.common.make_accelerator)
     "data": {
         "source": "shapes:web?n=4000&seed=0",  # see prefalign/train/preference_data.py
         "split": "train",

@@ -43,6 +43,7 @@ DEFAULTS: dict = {
     "device": "auto",
     "out": None,
     "resume": False,
+    "log": {"with": None, "project": None},  # experiment tracker: tensorboard | wandb (train.common.make_accelerator)
     "model": None,  # base pipeline: None / "shapes-teacher[:DIR]" / a diffusers pipeline directory
     "preference": {"checkpoint": None},  # step-aware preference model directory (`prefalign train-reward`)
     "policy": {"lora_rank": 4, "lora_alpha": None, "lora_targets": list(DEFAULT_LORA_TARGETS),
