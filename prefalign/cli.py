@@ -5,9 +5,7 @@ Errors the user can fix are `PrefalignError`s: printed as one line on stderr, ex
 
 from __future__ import annotations
 
-import errno
 import functools
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from prefalign import __version__
+from prefalign.console import DISK_ERRORS, one_line, quiet_third_party_logs
 from prefalign.errors import PrefalignError
 
 app = typer.Typer(
@@ -39,17 +38,6 @@ OutOpt = Annotated[Path | None, typer.Option("--out", help="Output run directory
 ShowConfigOpt = Annotated[
     bool, typer.Option("--show-config", help="Print the resolved config, one documentation line per key, and exit.")
 ]
-ERROR_LINE_LIMIT = 400  # characters; a 10,000-character prompt must not become a 20 KB error line
-DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-def one_line(message: str, limit: int = ERROR_LINE_LIMIT) -> str:
-    """The message on one line, its middle elided when longer than `limit` (the end usually says the fix)."""
-    text = " ".join(str(message).split())
-    if len(text) <= limit:
-        return text
-    tail = limit // 3
-    return f"{text[: limit - tail - 5]} ... {text[-tail:]}"
 
 
 def user_errors(func: F) -> F:
@@ -67,28 +55,11 @@ def user_errors(func: F) -> F:
         except OSError as err:
             if err.errno not in DISK_ERRORS or not err.filename:
                 raise
-            typer.echo(f"error: {one_line(f'cannot write {err.filename} ({err.strerror}); free some space or choose a writable --out')}", err=True)
+            hint = "free some space or choose an --out you may write to"
+            typer.echo(f"error: {one_line(f'cannot use {err.filename} ({err.strerror}); {hint}')}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def quiet_third_party_logs() -> None:
-    """No progress bars or info chatter from transformers / diffusers / huggingface_hub: prefalign reports its
-    own progress (the demo used to print transformers' "Loading weights" bar ten times)."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    for name in ("transformers", "diffusers"):  # already imported: the environment is read at import time
-        if name in sys.modules:
-            logging = __import__(f"{name}.utils.logging", fromlist=["logging"])
-            logging.set_verbosity_error()
-            logging.disable_progress_bar()
-    if "huggingface_hub" in sys.modules:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
 
 
 def resolve(command: str, defaults: dict, schema: Any, config: Path | None, overrides: list[str] | None,

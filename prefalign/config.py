@@ -147,17 +147,18 @@ _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str:
 def validate_config(config: dict, defaults: Mapping, schema: Schema, command: str = "this command") -> dict:
     """Check `config` against `defaults` + `schema` in place (ints become floats where a number is expected, a
     single string becomes a one-element list); the first problem is a one-line PrefalignError."""
-    known = sorted(set(_leaf_keys(defaults)) | set(schema))
+    known = sorted(set(leaf_keys(defaults)) | set(schema))
     aliases = {alias: key for key, field in schema.items() for alias in field.aliases}
     _check_node(config, defaults, schema, "", (known, aliases), command)
     return config
 
 
-def _leaf_keys(node: Mapping, prefix: str = "") -> Iterable[str]:
+def leaf_keys(node: Mapping, prefix: str = "") -> Iterable[str]:
+    """Dotted keys of the values in a nested config (an empty mapping counts as a value)."""
     for key, value in node.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
-            yield from _leaf_keys(value, dotted + ".")
+            yield from leaf_keys(value, dotted + ".")
         else:
             yield dotted
 

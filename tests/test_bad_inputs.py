@@ -71,7 +71,7 @@ def test_a_full_disk_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr("prefalign.config.atomic_write_text", full)
     line = _error_line(["shapes", "labels", "--out", str(tmp_path / "run"), "n_pairs=2"])
-    assert "cannot write" in line and "config.yaml (No space left on device)" in line
+    assert "cannot use" in line and "config.yaml (No space left on device)" in line
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,

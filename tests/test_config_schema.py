@@ -9,8 +9,9 @@ from typer.testing import CliRunner
 
 from prefalign import schemas
 from prefalign.bench.harness import BENCH_DEFAULTS, GENERATE_DEFAULTS
-from prefalign.cli import LABELS_DEFAULTS, TRAIN_CLIP_DEFAULTS, app, one_line
-from prefalign.config import _leaf_keys, validate_config
+from prefalign.cli import LABELS_DEFAULTS, TRAIN_CLIP_DEFAULTS, app
+from prefalign.config import leaf_keys, validate_config
+from prefalign.console import one_line
 from prefalign.demo import DEMO_DEFAULTS
 from prefalign.errors import PrefalignError
 from prefalign.rewards.score import SCORE_DEFAULTS
@@ -97,10 +98,10 @@ def test_values_are_normalised_where_unambiguous():
 @pytest.mark.parametrize("name", COMMANDS)
 def test_every_key_is_documented(name):
     defaults, schema = COMMANDS[name][1]
-    undocumented = [k for k in _leaf_keys(defaults) if not (schema.get(k) and schema[k].doc)
+    undocumented = [k for k in leaf_keys(defaults) if not (schema.get(k) and schema[k].doc)
                     and not any(k.startswith(f"{f}.") and schema[f].free for f in schema)]
     assert not undocumented, f"{name}: add a Field in prefalign/schemas.py for {undocumented}"
-    stale = [k for k in schema if k not in set(_leaf_keys(defaults)) and not schema[k].free]
+    stale = [k for k in schema if k not in set(leaf_keys(defaults)) and not schema[k].free]
     assert not stale, f"{name}: schema documents keys the defaults no longer have: {stale}"
 
 
