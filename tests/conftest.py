@@ -11,3 +11,22 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def kill_on_calls(monkeypatch):
+    """`kill_on_calls(module, "name", {2, 6})`: `module.name` now stops the run on those calls (numbered from 1
+    over the whole test), as a kill would: the exception is not an Exception, so no handler in the run sees it."""
+
+    def install(module, name: str, at_calls: set[int]) -> None:
+        real, calls = getattr(module, name), {"n": 0}
+
+        def wrapped(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] in at_calls:
+                raise KeyboardInterrupt(f"killed at call {calls['n']} of {name}")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    return install

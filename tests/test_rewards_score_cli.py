@@ -135,7 +135,7 @@ def test_count_mismatch_missing_checkpoint_and_unknown_reward(image_dir, tmp_pat
     )
     assert "unknown reward 'hpsv3'; known rewards:" in line
     line = _one_line_error(runner.invoke(app, ["score", "reward=hpsv2.1", "--images", str(image_dir)]))
-    assert "unknown score config key(s) ['reward']" in line
+    assert "config key 'reward' is not a setting of score; did you mean 'rewards'?" in line
     assert out.read_text() == "previous\n"  # nothing written on error
 
 

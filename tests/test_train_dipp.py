@@ -206,6 +206,20 @@ def test_resume_continues_bit_identically_and_logs_metrics(pipelines, tmp_path):
     assert (run_dir / "metrics.png").stat().st_size > 0
 
 
+def test_killed_run_resumes_to_the_same_metrics(pipelines, tmp_path, kill_on_calls):
+    """Killed in step 2, after the step-1 checkpoint, before the step-2 metrics row averages steps 1 and 2."""
+    sections = {"checkpoint_every": 1, "eval": {"every": 2, "num_prompts": 2, "samples_per_prompt": 1}}
+    _run(_config(pipelines["pixel"], tmp_path / "straight", **sections))
+    kill_on_calls(dipp, "one_step_x0", {2})
+    with pytest.raises(KeyboardInterrupt):
+        _run(_config(pipelines["pixel"], tmp_path / "killed", **sections))
+    _run({**_config(pipelines["pixel"], tmp_path / "killed", **sections), "resume": True})
+    a, b = ((tmp_path / d / "metrics.csv").read_text().splitlines() for d in ("straight", "killed"))
+    seconds = a[0].split(",").index("seconds")
+    assert [r.split(",")[:seconds] + r.split(",")[seconds + 1:] for r in a] == [
+        r.split(",")[:seconds] + r.split(",")[seconds + 1:] for r in b]
+
+
 def test_nan_guard_names_the_step(pipelines, tmp_path):
     with pytest.raises(PrefalignError, match=r"became (nan|inf|-inf) at step 0"):
         _run(_config(pipelines["pixel"], tmp_path / "nan", ta={"lr": 1e38}))

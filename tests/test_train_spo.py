@@ -241,6 +241,25 @@ def test_resume_continues_exactly(tmp_path, pipelines, scorer_dir):
     assert (straight / "eval.csv").read_text().count("\n") == (split / "eval.csv").read_text().count("\n") == 4
 
 
+def test_killed_run_resumes_to_the_same_metrics_and_weights(tmp_path, pipelines, scorer_dir, kill_on_calls):
+    """Killed in round 2, after the round-1 checkpoint and before round 1's metrics were logged (every 2 rounds)."""
+    from prefalign.train import spo
+
+    every_two = {"train.log_every": 2, "eval.every": 2}
+    _train(tmp_path / "straight", _overrides(pipelines, scorer_dir, **every_two))
+    kill_on_calls(spo, "round_prompt_indices", {2})
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "killed", _overrides(pipelines, scorer_dir, **every_two))
+    _train(tmp_path / "killed", _overrides(pipelines, scorer_dir, **every_two), resume=True)
+    for name in ("metrics.csv", "eval.csv"):
+        a, b = ((tmp_path / d / name).read_text().splitlines() for d in ("straight", "killed"))
+        seconds = a[0].split(",").index("seconds")
+        assert [r.split(",")[:seconds] + r.split(",")[seconds + 1:] for r in a] == [
+            r.split(",")[:seconds] + r.split(",")[seconds + 1:] for r in b], name
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("straight", "killed"))
+    assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in a["trainable"])
+
+
 def test_nan_guard_names_the_last_checkpoint(tmp_path, pipelines, scorer_dir, monkeypatch):
     from prefalign.errors import PrefalignError
     from prefalign.train import spo

@@ -171,10 +171,12 @@ def _record_name(batch: range) -> str:
 
 
 def claim_run(out: Path, suite: Suite, items: Sequence[Item], config: Mapping[str, Any], write: bool) -> None:
-    """Check that `out` is empty or holds this image list (suite, seed, samples); record it if `write`."""
+    """Check that `out` is empty or holds this image list (suite, seed, samples) made in batches of this size;
+    record it if `write`. A batch is generated in one call, and batched sampling is not bit-identical across batch
+    sizes, so a run continues only with the batch size it started with."""
     listing = json.dumps([(i.prompt_id, i.prompt, i.sample, i.seed) for i in items])
     identity = {"suite": suite.name, "seed": config["seed"], "prompts": len(suite.prompts),
-                "samples_per_prompt": config["samples_per_prompt"],
+                "samples_per_prompt": config["samples_per_prompt"], "batch_size": config["batch_size"],
                 "items_sha256": hashlib.sha256(listing.encode()).hexdigest()}
     path = out / "run.json"
     if path.is_file():
@@ -184,6 +186,10 @@ def claim_run(out: Path, suite: Suite, items: Sequence[Item], config: Mapping[st
                 f"{out} holds a run with other prompts or seeds (suite {previous.get('suite')}, seed "
                 f"{previous.get('seed')}, {previous.get('prompts')} prompts); pass a new --out or delete it"
             )
+        if previous.get("batch_size", config["batch_size"]) != config["batch_size"]:
+            raise PrefalignError(
+                f"{out} was generated with batch_size {previous['batch_size']} and images depend on the batch; "
+                f"continue it with --batch-size {previous['batch_size']} or pass a new --out")
     if write:
         record = {**identity, "source": suite.source, "rule": suite.rule}
         atomic_write_text(path, json.dumps(record, indent=2))
@@ -208,7 +214,7 @@ def generate_images(
         return 0
     source = generator.build(workers.device)
     generated = 0
-    for batch in track(todo, f"generating {generator.label}"):
+    for index, batch in enumerate(track(todo, f"generating {generator.label}")):
         chosen = [items[j] for j in batch]
         start = time.perf_counter()
         images = source([it.prompt for it in chosen], [it.seed for it in chosen])
@@ -222,7 +228,7 @@ def generate_images(
                 with atomic_path(images_dir / item.filename) as tmp:
                     tensor_to_pil(image).save(tmp, format="PNG")
         record = {"files": [it.filename for it in chosen], "seeds": [it.seed for it in chosen],
-                  "seconds": seconds, "rank": workers.rank}
+                  "seconds": seconds, "rank": workers.rank, "warmup": index == 0}
         atomic_write_text(record_dir / _record_name(batch), json.dumps(record))
         generated += len(chosen)
     return generated
@@ -265,7 +271,10 @@ def score_images(
 
 
 def _seconds_per_image(directory: Path) -> float:
+    """Generation time per image, leaving out each process's first batch (model warm-up, allocator, kernel
+    selection) whenever later batches were timed."""
     records = _records(directory / "chunks")
+    records = [r for r in records if not r.get("warmup")] or records
     n = sum(len(r["files"]) for r in records)
     return sum(r["seconds"] for r in records) / n if n else float("nan")
 

@@ -122,7 +122,7 @@ def select_prompts(
 def coco_captions(path: Path, seed: int) -> list[PromptItem]:
     """One caption per image of the official `captions_val2017.json` (rule in the module docstring)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
         annotations = data["annotations"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         what = f"not the official COCO captions JSON ({type(err).__name__})"
@@ -166,7 +166,7 @@ def _table_prompts(path: Path, suite: str) -> list[PromptItem]:
     """Prompts of a .txt (one per line), .csv/.tsv, .json/.jsonl (strings or objects) or .parquet file."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = _read_text(path).splitlines()
         return [PromptItem(f"{suite}:{i:05d}", line.strip()) for i, line in enumerate(lines) if line.strip()]
     frame = _read_frame(path, suffix)
     prompt_col = _column(frame.columns, PROMPT_COLUMNS)
@@ -190,7 +190,7 @@ def _read_frame(path: Path, suffix: str) -> pd.DataFrame:
             return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
         if suffix == ".jsonl":
             rows = [
-                json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+                json.loads(line) for line in _read_text(path).splitlines() if line.strip()
             ]
             return pd.DataFrame([{"prompt": r} if isinstance(r, str) else r for r in rows])
         if suffix == ".json":
@@ -211,9 +211,17 @@ def _read_frame(path: Path, suffix: str) -> pd.DataFrame:
     )
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PrefalignError(f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                             "save it as UTF-8") from None
+
+
 def _json_list(path: Path) -> list:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except (OSError, ValueError) as err:
         raise PrefalignError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, list):

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -244,10 +245,19 @@ def load_shapes_clip(
             f"shapes-clip checkpoint not found in {folder} (needs {WEIGHTS_FILE} and {CONFIG_FILE}); "
             "recreate it with: python -m prefalign.shapes.clip --out prefalign/assets/shapes_clip"
         )
-    raw = json.loads(config_path.read_text())["config"]
-    model = ShapesCLIP(ShapesCLIPConfig(**{**raw, "channels": tuple(raw["channels"])}))
-    state = {k: v.float() for k, v in load_file(str(weights)).items()}
-    model.load_state_dict(state, strict=True)
+    try:
+        raw = json.loads(config_path.read_text())["config"]
+        model = ShapesCLIP(ShapesCLIPConfig(**{**raw, "channels": tuple(raw["channels"])}))
+    except (ValueError, KeyError, TypeError) as err:  # JSON syntax, a missing or unknown field
+        raise PrefalignError(f"shapes-clip checkpoint {config_path} is not a shapes-clip config "
+                             f"({type(err).__name__}: {err}); recreate it with `prefalign shapes train-clip`") from None
+    try:
+        state = {k: v.float() for k, v in load_file(str(weights)).items()}
+        model.load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError, OSError, ValueError) as err:  # not safetensors, or another model's
+        reason = str(err).splitlines()[0]
+        raise PrefalignError(f"shapes-clip weights {weights} do not load ({reason}); recreate them with "
+                             "`prefalign shapes train-clip`") from None
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -225,6 +225,27 @@ def make_preference_dataset(
     return info
 
 
+VALIDATION_SEED_OFFSET = 10_000  # as the `shapes:` data source's validation split (prefalign.train.preference_data)
+
+
+def make_preference_splits(
+    out_dir: str | Path,
+    n_pairs: int,
+    val_pairs: int,
+    seed: int,
+    temperature: float = 0.05,
+    tie_margin: float = 0.02,
+    image_source: str | ImageSource = "web",
+) -> list[PreferenceDatasetInfo]:
+    """`train` and (when `val_pairs` > 0) `validation` splits in `out_dir`, from independent seeds, so that
+    `prefalign train-reward data.source=<out_dir>` finds both."""
+    infos = [make_preference_dataset(out_dir, n_pairs, seed, temperature, tie_margin, image_source, "train")]
+    if val_pairs > 0:
+        infos.append(make_preference_dataset(out_dir, val_pairs, seed + VALIDATION_SEED_OFFSET, temperature,
+                                             tie_margin, image_source, "validation"))
+    return infos
+
+
 def load_preference_pairs(path: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Read a dataset written by `make_preference_dataset`: (captions, images_0, images_1, label_0)."""
     path = Path(path)

@@ -60,7 +60,7 @@ class ShapesOracleReward(RewardModel):
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             batch = images.float()
         else:
-            batch = torch.stack([_pil_to_tensor(load_rgb(img)) for img in images]) if len(images) else None
+            batch = _stack_one_size([_pil_to_tensor(load_rgb(img)) for img in images]) if len(images) else None
         if batch is None:
             return torch.zeros(0)
         return oracle_breakdown(batch, list(prompts), chunk=max(1, batch_size))[self.part]
@@ -101,6 +101,15 @@ class ShapesCLIPReward(ClipLikeReward):
 
     def token_counts(self, prompts: Sequence[str]) -> list[int]:
         return [len(p.split()) + 2 for p in prompts]
+
+
+def _stack_one_size(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The oracle measures shapes in pixels at one resolution, so a batch must share its size."""
+    sizes = sorted({f"{t.shape[-1]}x{t.shape[-2]}" for t in tensors})
+    if len(sizes) > 1:
+        raise PrefalignError(f"shapes-oracle got images of mixed sizes ({', '.join(sizes)}); it scores one size "
+                             f"at a time: resize them all to {SIZE}x{SIZE}")
+    return torch.stack(tensors)
 
 
 def load_shapes_oracle(

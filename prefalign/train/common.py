@@ -56,9 +56,18 @@ def lr_at(step: int, base: float, warmup: int, total: int, schedule: str = "cosi
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+TRACKERS = ("tensorboard", "wandb")  # accelerate's names; each is also the package it needs
+_TRACKING: dict = {"accelerator": None}  # the accelerator whose trackers MetricsLog rows also go to
+
+
 def make_accelerator(config: Mapping):
     """An `accelerate.Accelerator` from `config["device"]` and `config["train"]` (`mixed_precision`: no | fp16 |
-    bf16, `grad_accum`). Under `torchrun` it joins the process group (gloo on CPU, NCCL on GPUs)."""
+    bf16, `grad_accum`). Under `torchrun` it joins the process group (gloo on CPU, NCCL on GPUs).
+
+    `config["log"]["with"]`: an experiment tracker (tensorboard | wandb, or from Python an accelerate
+    `GeneralTracker`) that receives every metrics row as well; the CSV and PNG files are written either way."""
+    import importlib.util
+
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -69,9 +78,30 @@ def make_accelerator(config: Mapping):
     cpu = str(config.get("device", "cpu")).startswith("cpu")
     if cpu and precision == "fp16":
         raise PrefalignError("train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")
+    log = config.get("log") or {}
+    tracker = log.get("with")
+    if isinstance(tracker, str) and tracker not in TRACKERS:
+        raise PrefalignError(f"log.with '{tracker}' unknown; use one of {', '.join(TRACKERS)}")
+    if isinstance(tracker, str) and importlib.util.find_spec(tracker) is None:
+        raise PrefalignError(f"log.with={tracker} needs the {tracker} package: pip install {tracker}, or drop log.with")
     AcceleratorState._reset_state()  # one state per process; in-process runs (tests, demo stages) differ in precision
-    return Accelerator(cpu=cpu, mixed_precision=precision,
-                       gradient_accumulation_steps=int(train.get("grad_accum", 1)))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=precision, log_with=tracker or None,
+                              project_dir=config.get("out"), gradient_accumulation_steps=int(train.get("grad_accum", 1)))
+    if tracker:
+        accelerator.init_trackers(log.get("project") or "prefalign", config=_scalar_settings(config))
+    _TRACKING["accelerator"] = accelerator if tracker else None
+    return accelerator
+
+
+def _scalar_settings(config: Mapping, prefix: str = "") -> dict:
+    """The config flattened to dotted keys with the scalar values trackers accept as hyperparameters."""
+    flat: dict = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(_scalar_settings(value, f"{prefix}{key}."))
+        elif isinstance(value, bool | int | float | str):
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 class Checkpoint:
@@ -116,18 +146,21 @@ def check_finite(loss: torch.Tensor, step: int, checkpoint: Checkpoint) -> None:
 
 
 class MetricsLog:
-    """A CSV of metric rows (one per evaluation); rewritten atomically so a kill never leaves half a file."""
+    """A CSV of metric rows (one per evaluation); rewritten atomically so a kill never leaves half a file. Rows
+    also go to the experiment tracker of the run's accelerator (`log.with`), named `<file stem>/<column>`."""
 
     def __init__(self, path: Path, main_process: bool = True) -> None:
         self.path, self.main_process = Path(path), main_process
+        self.tracker = _TRACKING["accelerator"]
         self.rows: list[dict] = []
         if self.path.exists():
             with self.path.open() as f:
                 self.rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
     def truncate(self, step: int) -> None:
-        """Drop rows logged after `step` (a resumed run recomputes them)."""
-        self.rows = [r for r in self.rows if r.get("step", 0) <= step]
+        """Drop the rows a run continuing from checkpoint `step` recomputes: those after `step`, and all of them
+        when there is no checkpoint yet (step 0: a run killed before its first checkpoint logs step 0 again)."""
+        self.rows = [r for r in self.rows if r.get("step", 0) <= step] if step > 0 else []
 
     def append(self, row: Mapping) -> None:
         self.rows.append(dict(row))
@@ -136,6 +169,10 @@ class MetricsLog:
         fields = list(dict.fromkeys(k for r in self.rows for k in r))
         lines = [",".join(fields)] + [",".join(_format(r.get(k, "")) for k in fields) for r in self.rows]
         atomic_write_text(self.path, "\n".join(lines) + "\n")
+        if self.tracker is not None:
+            values = {f"{self.path.stem}/{k}": v for k, v in row.items()
+                      if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)}
+            self.tracker.log(values, step=int(row.get("step", 0)))
 
 
 def _number(text: str) -> float | int | str:

@@ -55,6 +55,7 @@ DEFAULTS: dict = {
     "device": "auto",
     "out": None,
     "resume": False,
+    "log": {"with": None, "project": None},  # experiment tracker: tensorboard | wandb (train.common.make_accelerator)
     "model": None,  # reference diffusion model: None / "shapes-teacher[:DIR]" / a diffusers pipeline directory
     "prompts": "shapes-train",  # shapes-train / shapes-val / a prompt file
     # α_rew = reward.alpha (0: Diff-Instruct; the reward is then never loaded). spec: any registry reward or
@@ -246,6 +247,8 @@ def train(config: dict, run_dir: Path, log: Callable[[str], None] = print) -> Pa
             eval_rewards[spec] = load_reward(spec, checkpoints, device)
 
     running: dict[str, list[float]] = {"ta_loss": [], "ikl_grad": [], "train_reward": []}
+    if state is not None:  # values since the last metrics row, so a resumed run logs the same means
+        running.update(state.get("running", {}))
     clock = time.perf_counter() - float(metrics.rows[-1].get("seconds", 0.0) if metrics.rows else 0.0)
     gen.model.train()
     ta.model.train()
@@ -311,7 +314,7 @@ def train(config: dict, run_dir: Path, log: Callable[[str], None] = print) -> Pa
             accelerator.wait_for_everyone()
         if done % config["checkpoint_every"] == 0 or done == steps:
             state = {"step": done, "generator": gen.trainable_state(), "ta": ta.trainable_state(),
-                     "generator_optimizer": gen_opt.state_dict(), "ta_optimizer": ta_opt.state_dict()}
+                     "generator_optimizer": gen_opt.state_dict(), "ta_optimizer": ta_opt.state_dict(), "running": running}
             checkpoint.save(state | ({"ema": ema.state_dict()} if ema is not None else {}), accelerator)
 
     out_dir = run_dir / GENERATOR_DIR

@@ -61,6 +61,7 @@ DEFAULTS: dict = {
     "device": "auto",
     "out": None,
     "resume": False,
+    "log": {"with": None, "project": None},  # experiment tracker: tensorboard | wandb (train.common.make_accelerator)
     "model": None,  # base pipeline: None / "shapes-teacher[:DIR]" (the shapes teacher) or a pipeline directory
     "data": {"source": "shapes:web?n=4000&seed=1", "split": "train", "limit": None},
     "policy": {"lora_rank": None, "lora_alpha": None, "lora_targets": list(DEFAULT_LORA_TARGETS),
@@ -267,7 +268,7 @@ def train(config: dict, run_dir: Path, log: Callable[[str], None] = print) -> Pa
 
     if start == 0 and ev["every"]:
         record_eval(0)
-    t0, window = time.time() - counters["seconds"], []
+    t0, window = time.time() - counters["seconds"], list(state.get("window", [])) if state else []
     world, accum, batch_size = accelerator.num_processes, train_cfg["grad_accum"], train_cfg["batch_size"]
     policy.model.train(True)
     for step in track(range(start, steps), "Diffusion-DPO", total=steps - start):
@@ -306,7 +307,7 @@ def train(config: dict, run_dir: Path, log: Callable[[str], None] = print) -> Pa
             record_eval(done)
         if done % train_cfg["checkpoint_every"] == 0 or done == steps:
             checkpoint.save({"step": done, "trainable": policy.trainable_state(), "optimizer": optimizer.state_dict(),
-                             "ema": ema.state_dict() if ema else [], **counters}, accelerator)
+                             "ema": ema.state_dict() if ema else [], "window": window, **counters}, accelerator)
     if main and metrics.rows:
         plot_metrics(run_dir / "metrics.csv", run_dir / "metrics.png",
                      ["loss", "implicit_acc", "margin", "policy_mse"], title="Diffusion-DPO training")

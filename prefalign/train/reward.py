@@ -55,6 +55,7 @@ DEFAULTS: dict = {
     "device": "auto",
     "out": "runs/train-reward",
     "resume": False,
+    "log": {"with": None, "project": None},  # experiment tracker: tensorboard | wandb (train.common.make_accelerator)
     "data": {
         "source": "shapes:web?n=4000&seed=0",  # see prefalign/train/preference_data.py
         "split": "train",
@@ -440,7 +441,7 @@ def train(config: dict, run_dir: Path, log: Callable[[str], None] = print) -> Pa
     steps, accum, batch_size = tcfg["steps"], accelerator.gradient_accumulation_steps, tcfg["batch_size"]
     seconds = metrics.rows[-1]["seconds"] if metrics.rows else 0.0
     clock, cpu_clock = time.perf_counter(), time.process_time()
-    recent: list[float] = []  # training losses since the last evaluation
+    recent: list[float] = list(state.get("recent", [])) if state else []  # losses since the last evaluation
     for step in track(range(start, steps), "training the reward model", total=steps - start):
         lr = lr_at(step, tcfg["lr"], tcfg["warmup_steps"], steps, tcfg["lr_schedule"])
         for group in optimizer.param_groups:
@@ -475,7 +476,7 @@ def train(config: dict, run_dir: Path, log: Callable[[str], None] = print) -> Pa
                 plot_accuracy(run_dir / "metrics.csv", run_dir / "metrics.png", ceiling)
         if done % tcfg["checkpoint_every"] == 0 or done == steps:
             checkpoint.save({"step": done, "scorer": unwrapped.trainable_state(), "loss": loss_fn.state_dict(),
-                             "optimizer": optimizer.state_dict()}, accelerator)
+                             "optimizer": optimizer.state_dict(), "recent": recent}, accelerator)
 
     summary = {
         "steps": steps, "data": config["data"]["source"], "train_pairs": len(train_data), "val_pairs": len(val_data),

@@ -43,6 +43,7 @@ DEFAULTS: dict = {
     "device": "auto",
     "out": None,
     "resume": False,
+    "log": {"with": None, "project": None},  # experiment tracker: tensorboard | wandb (train.common.make_accelerator)
     "model": None,  # base pipeline: None / "shapes-teacher[:DIR]" / a diffusers pipeline directory
     "preference": {"checkpoint": None},  # step-aware preference model directory (`prefalign train-reward`)
     "policy": {"lora_rank": 4, "lora_alpha": None, "lora_targets": list(DEFAULT_LORA_TARGETS),
@@ -230,7 +231,7 @@ def train(config: dict, run_dir: Path, log: Callable[[str], None] = print) -> Pa
     rounds, world, rank = int(tr["rounds"]), accelerator.num_processes, accelerator.process_index
     batch, micro, cfg_rows = int(sample["batch_size"]), int(tr["batch_size"]), 1 if sample["guidance"] == 1 else 2
     uncond_one = model.encode_prompts([sample["negative_prompt"]])
-    t0, window = time.time() - compute.counts["seconds"], []
+    t0, window = time.time() - compute.counts["seconds"], list(state.get("window", [])) if state else []
     for r in track(range(start, rounds), "SPO", total=rounds - start):
         lr = lr_at(r, tr["lr"], int(tr["warmup_rounds"]), rounds, tr["lr_schedule"])
         for group in optimizer.param_groups:
@@ -285,6 +286,7 @@ def train(config: dict, run_dir: Path, log: Callable[[str], None] = print) -> Pa
                 "step": done, "opt_steps": opt_steps, "micro_steps": int(accelerator.step),
                 "trainable": policy.trainable_state(), "optimizer": optimizer.state_dict(),
                 "ema": ema.state_dict() if ema is not None else [], "compute": dict(compute.counts),
+                "window": window,  # metrics since the last logged row: a resumed run logs the same means
             }, accelerator)
     if main and metrics.rows:
         plot_metrics(run_dir / "metrics.csv", run_dir / "metrics.png", ["loss", "implicit_acc", "pairs", "gap"],
