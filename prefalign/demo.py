@@ -19,16 +19,14 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from prefalign.bench.generators import resolve_generator, sampler_nfe, source_generator
+from prefalign.bench.generators import resolve_generator, source_generator
 from prefalign.bench.harness import BENCH_DEFAULTS, run_bench
 from prefalign.bench.suites import suite_from_prompts
-from prefalign.diffusion.one_step import one_step_source
 from prefalign.errors import PrefalignError
 from prefalign.io import atomic_path
-from prefalign.shapes.generators import ImageSource, model_source
+from prefalign.shapes.generators import ImageSource
 from prefalign.shapes.prompts import prompt_set
 from prefalign.shapes.teacher import load_teacher
-from prefalign.train.adapters import load_adapted_teacher
 
 DEMO_DEFAULTS: dict = {
     "seed": 0,
@@ -40,15 +38,6 @@ DEMO_DEFAULTS: dict = {
     "sampler": {"steps": 25, "guidance": 3.0, "eta": 0.0},
     "rewards": ["shapes-oracle", "shapes-clip"],
     "stages": ["reward", "dpo", "spo", "dipp", "leaderboard"],
-    # benchmark: a method whose demo-scale run does not beat the teacher loads the LoRA adapter its full benchmark
-    # made (prefalign/assets/aligned/; only with the shipped teacher); train: every method trains at demo scale.
-    "aligned_models": "benchmark",
-}
-
-ALIGNED_DIR = Path(__file__).resolve().parent / "assets" / "aligned"
-# Trainer stage -> (leaderboard row, adapter folder in ALIGNED_DIR) for the rows it produces.
-BENCHMARK_ADAPTERS: dict[str, list[tuple[str, str]]] = {
-    "dpo": [("DPO", "dpo")], "spo": [("SPO", "spo")], "dipp": [("DI++", "dipp"), ("Diff-Instruct", "diff-instruct")],
 }
 
 
@@ -144,35 +133,11 @@ STAGES: dict[str, Callable[[DemoContext], None] | str] = {
 }
 
 
-def adapter_stage(name: str) -> Callable[[DemoContext], None]:
-    """A stage that registers the rows of trainer stage `name` from the adapters its full benchmark made."""
-
-    def stage(ctx: DemoContext) -> None:
-        sampler = ctx.config["sampler"]
-        for row, folder in BENCHMARK_ADAPTERS[name]:
-            model, meta = load_adapted_teacher(ALIGNED_DIR / folder, ctx.device)
-            if "t_init" in meta:
-                source = one_step_source(model, meta["t_init"])
-            else:
-                source = model_source(model, sampler["steps"], sampler["guidance"], sampler["eta"])
-                source.nfe = sampler_nfe(sampler["steps"], sampler["guidance"])
-            ctx.generators[row] = source
-            ctx.log(f"[demo] {row}: not trained here — at demo scale it does not beat the teacher, so the demo loads "
-                    f"the LoRA adapter made by {meta['benchmark']} ({meta['step']} steps, "
-                    f"prefalign/assets/aligned/{folder}); aligned_models=train trains it at demo scale instead")
-
-    return stage
-
-
-def _stage(name: str, config: dict) -> Callable[[DemoContext], None]:
+def _stage(name: str) -> Callable[[DemoContext], None]:
     """A stage by name; trainer stages are imported only when run (they pull in their trainer's dependencies)."""
     if name not in STAGES:
         raise PrefalignError(f"demo stage '{name}' unknown; stages: {', '.join(STAGES)}")
     stage = STAGES[name]
-    shipped = [ALIGNED_DIR / folder for _, folder in BENCHMARK_ADAPTERS.get(name, [])]
-    if config["aligned_models"] == "benchmark" and not config["teacher"] and shipped and all(
-            (folder / "adapter.json").is_file() for folder in shipped):
-        return adapter_stage(name)
     if isinstance(stage, str):
         module, function = stage.split(":")
         stage = getattr(importlib.import_module(module), function)
@@ -182,9 +147,7 @@ def _stage(name: str, config: dict) -> Callable[[DemoContext], None]:
 def run_demo(config: dict, run_dir: Path, device: torch.device, log: Callable[[str], None] = print) -> DemoContext:
     """Run the configured stages in order; returns the context with every stage's results."""
     ctx = DemoContext(config, run_dir, device, list(prompt_set("val")[: config["num_prompts"]]), log=log)
-    if config["aligned_models"] not in ("benchmark", "train"):
-        raise PrefalignError(f"aligned_models '{config['aligned_models']}' unknown; use benchmark or train")
-    stages = {name: _stage(name, config) for name in config["stages"]}  # an unknown name fails before any work
+    stages = {name: _stage(name) for name in config["stages"]}  # an unknown name fails before any work
     if config.get("teacher"):
         load_teacher(config["teacher"])  # so does a wrong teacher path, before any stage trains
     sampler = config["sampler"]

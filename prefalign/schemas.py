@@ -260,9 +260,6 @@ DEMO: Schema = {
     "sampler.eta": Field("DDIM eta (0: deterministic)", ge=0),
     "rewards": Field("rewards of the leaderboard"),
     "stages": Field("stages to run, in order: reward, dpo, spo, dipp, leaderboard"),
-    "aligned_models": Field("benchmark: a method that cannot beat the teacher at demo scale loads the adapter its "
-                            "full benchmark made (shipped teacher only); train: every method trains here",
-                            choices=("benchmark", "train")),
 }
 
 # `shapes pretrain`. `arch` is passed to diffusers/transformers as it is.
