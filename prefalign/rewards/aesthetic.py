@@ -27,6 +27,7 @@ from prefalign.rewards.clip_common import (
     load_weights,
     normalize,
     open_clip_image_size,
+    open_clip_tower_id,
     pil_resize_crop,
     resolve_checkpoint,
     tensor_resize_crop,
@@ -85,8 +86,16 @@ class AestheticReward(ClipLikeReward):
         x = tensor_resize_crop(x, self.image_size, self.image_size, "round")
         return normalize(x, OPENAI_MEAN, OPENAI_STD)
 
-    def reward_from_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        emb = self.visual(pixels.to(self.device, self.dtype)).float()
+    @property
+    def preprocess_key(self) -> tuple:
+        return ("crop", self.image_size, self.image_size, "round", OPENAI_MEAN, OPENAI_STD)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The CLIP image embedding (open_clip `encode_image` without normalisation)."""
+        return self.visual(pixels.to(self.device, self.dtype))
+
+    def reward_from_features(self, features: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        emb = features.float()
         norm = emb.norm(dim=-1, keepdim=True)
         emb = emb / torch.where(norm == 0, torch.ones_like(norm), norm)  # `normalized()`: l2[l2 == 0] = 1
         return self.head(emb.to(self.head.layers[0].weight.dtype)).squeeze(-1).float()
@@ -133,4 +142,5 @@ def load_aesthetic(
         convention="raw regression score, AVA 1-10 scale",
     )
     reward = AestheticReward(model.visual.to(dtype=dtype), head, info, open_clip_image_size(cfg))
+    reward.tower_id = open_clip_tower_id(clip_path, cfg)  # shared with clipscore on the same weights
     return reward.to(device).eval().requires_grad_(False)

@@ -115,6 +115,12 @@ def require_file(path: str | Path, what: str, source: str) -> Path:
     return path
 
 
+def tower_identity(kind: str, weights: Path, config: Mapping) -> tuple:
+    """`tower_id` of an image tower: its implementation, weights file (path, size, mtime) and config."""
+    stat = weights.stat()
+    return (kind, str(weights.resolve()), stat.st_size, stat.st_mtime_ns, json.dumps(config, sort_keys=True))
+
+
 def _torch_load_tensors(path: Path) -> object:
     """`torch.load(weights_only=True)`, memory-mapped when the file allows it (a 4 GB checkpoint is then not
     held twice while loading), without torch's TorchScript warning (load_weights raises a clearer error)."""
@@ -284,7 +290,28 @@ class ClipLikeReward(RewardModel):
         raise NotImplementedError
 
     def reward_from_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Rewards of preprocessed pixels; by default the image tower, then the head/text side."""
+        return self.reward_from_features(self.encode_image(pixels), prompts)
+
+    # Rewards that run the same image tower on the same pixels share one forward in a multi-reward pass
+    # (prefalign.rewards.multi): `tower_id` names the tower (weights file, config, dtype); None shares nothing.
+    tower_id: tuple | None = None
+
+    @property
+    def preprocess_key(self) -> tuple | None:
+        """Equal keys mean `preprocess_pil` gives identical tensors, so one preprocessing serves both."""
+        return None
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def reward_from_features(self, features: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def warn_prompts(self, prompts: Sequence[str]) -> None:
+        """The official tokenizer's truncation and empty-prompt warnings for one batch of prompts."""
+        if self.uses_prompts:
+            check_prompts(prompts, self.token_counts(prompts), self.context_length, self.name)
 
     def token_counts(self, prompts: Sequence[str]) -> list[int]:
         """Tokens per prompt before truncation, start/end tokens included."""
@@ -306,8 +333,7 @@ class ClipLikeReward(RewardModel):
     ) -> torch.Tensor:
         """Batched no-grad scores with the official preprocessing (see the module docstring)."""
         prompts = self._check_batch(len(images), prompts)
-        if self.uses_prompts:
-            check_prompts(prompts, self.token_counts(prompts), self.context_length, self.name)
+        self.warn_prompts(prompts)
         out = []
         for start in range(0, len(images), max(1, batch_size)):
             chunk = [load_rgb(images[i]) for i in range(start, min(start + batch_size, len(images)))]
@@ -384,6 +410,11 @@ def open_clip_tokenizer(cfg: Mapping) -> Any:
     from open_clip.tokenizer import SimpleTokenizer
 
     return SimpleTokenizer(context_length=cfg.get("text_cfg", {}).get("context_length", 77))
+
+
+def open_clip_tower_id(weights: Path, cfg: Mapping) -> tuple:
+    """`tower_id` of an open_clip image tower loaded from `weights` with model config `cfg`."""
+    return tower_identity("open_clip.visual", weights, {k: cfg.get(k) for k in ("embed_dim", "vision_cfg", "quick_gelu")})
 
 
 def open_clip_image_size(cfg: Mapping) -> int:

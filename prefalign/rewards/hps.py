@@ -38,6 +38,7 @@ from prefalign.rewards.clip_common import (
     load_weights,
     normalize,
     open_clip_image_size,
+    open_clip_tower_id,
     open_clip_tokenizer,
     pil_resize_crop,
     resolve_checkpoint,
@@ -103,8 +104,17 @@ class OpenClipReward(ClipLikeReward):
         tokens = self.tokenizer(prompts).to(self.device)
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
-    def reward_from_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        image = F.normalize(self.model.encode_image(pixels.to(self.device, self.dtype)).float(), dim=-1)
+    @property
+    def preprocess_key(self) -> tuple:
+        if self.pipeline == "letterbox":
+            return ("letterbox", self.image_size, self.antialias, self.mean, self.std)
+        return ("crop", self.image_size, self.image_size, "round", self.mean, self.std)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels.to(self.device, self.dtype))
+
+    def reward_from_features(self, features: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        image = F.normalize(features.float(), dim=-1)
         text = self._encode_unique(prompts, self._encode_text)
         return cosine_to_score((image * text).sum(-1), self.scale, self.clip_at_zero)
 
@@ -164,6 +174,7 @@ def load_hps(
         scale=scale,
         antialias=as_bool(antialias),
     )
+    reward.tower_id = open_clip_tower_id(path, cfg)
     return (
         reward.to(device=device, dtype=dtype).eval().requires_grad_(False)
     )  # frozen: gradients go to pixels only

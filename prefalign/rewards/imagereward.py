@@ -279,6 +279,22 @@ class ImageRewardModel(RewardModel):
         rewards = self.mlp(text.last_hidden_state[:, 0, :]).squeeze(-1)
         return (rewards - REWARD_MEAN) / REWARD_STD
 
+    # The multi-reward pass (prefalign.rewards.multi) decodes files in their own mode for this reward, since
+    # the official transform resizes before `.convert("RGB")`.
+    preprocess_key = ("imagereward", INPUT_SIZE)
+    tower_id = None
+    native_mode = True
+
+    def preprocess_pil(self, img: Image.Image) -> torch.Tensor:
+        return _official_pixels(img)
+
+    def reward_from_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        ids, mask = self.tokenize(prompts)
+        return self(pixels, ids, mask)
+
+    def warn_prompts(self, prompts: Sequence[str]) -> None:
+        self._check_prompts(len(prompts), prompts)
+
     @torch.no_grad()
     def score(self, images: Sequence[ImageLike], prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
         """Batched `ImageReward.score(prompt, image)` with the official PIL preprocessing -> float32 [B] on CPU."""
