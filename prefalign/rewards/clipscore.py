@@ -24,8 +24,8 @@ from prefalign.rewards.clip_common import (
     as_float,
     build_open_clip,
     open_clip_image_size,
-    open_clip_tower_id,
     open_clip_tokenizer,
+    open_clip_tower_id,
     read_json,
     resolve_checkpoint,
 )
