@@ -129,8 +129,11 @@ class RewardPass:
             for note in batch["notes"]:
                 warnings.warn(note, stacklevel=2)
             texts = [prompts[i] for i in batch["indices"]]
-            leaf_scores = self._score_leaves(batch, texts) if texts else {}
-            scores = {spec: _weighted(terms, leaf_scores, len(texts)) for spec, terms in self.terms.items()}
+            if texts:
+                leaf_scores = self._score_leaves(batch, texts)
+                scores = {spec: _weighted(terms, leaf_scores, len(texts)) for spec, terms in self.terms.items()}
+            else:  # every image of the batch was unreadable
+                scores = {spec: [] for spec in self.terms}
             yield ScoredBatch(batch["indices"], batch["failed"], scores, batch["notes"])
 
     @torch.inference_mode()
