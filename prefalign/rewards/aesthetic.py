@@ -115,20 +115,23 @@ def load_aesthetic(
     CLIP tower; the head stays fp32 as in the official code."""
     if checkpoint is None:
         raise PrefalignError(
-            f"no LAION aesthetic head given: pass --checkpoint aesthetic=PATH (from {HEAD_SOURCE})"
+            "aesthetic needs two files: no LAION aesthetic head given: pass --checkpoint aesthetic=PATH "
+            f"(from {HEAD_SOURCE}), and the CLIP tower --option aesthetic.clip_checkpoint=PATH "
+            f"({CLIP_FILE} from the Hub repo {CLIP_REPO}; fetched when online)"
         )
-    head_state = load_weights(
-        checkpoint, "LAION aesthetic head", HEAD_SOURCE
-    )  # fail fast, before the big tower
-    model, cfg = build_open_clip(model_name, model_config)
+    # Both files are checked before the big tower is built or read.
+    head_state = load_weights(checkpoint, "LAION aesthetic head", HEAD_SOURCE, "--checkpoint aesthetic=PATH")
     clip_path = resolve_checkpoint(
         clip_checkpoint,
         CLIP_REPO,
         CLIP_FILE,
-        "OpenAI CLIP ViT-L/14 weights",
+        "OpenAI CLIP ViT-L/14 weights (aesthetic's second file)",
         "--option aesthetic.clip_checkpoint=PATH",
     )
-    state = load_weights(clip_path, "CLIP image tower", f"the Hub repo {CLIP_REPO}")
+    model, cfg = build_open_clip(model_name, model_config)
+    state = load_weights(
+        clip_path, "CLIP image tower", f"the Hub repo {CLIP_REPO}", "--option aesthetic.clip_checkpoint=PATH"
+    )
     visual_state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
     # Only the image tower is used; text-tower keys in a full CLIP checkpoint are ignored on purpose.
     load_strict(model.visual, visual_state, f"CLIP image tower {clip_path}")

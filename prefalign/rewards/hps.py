@@ -47,6 +47,7 @@ from prefalign.rewards.clip_common import (
 
 HPS_REPO = "xswu/HPSv2"
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
+HPS_REWARDS = {"v2.0": "hpsv2", "v2.1": "hpsv2.1"}  # registry names, which --checkpoint NAME=PATH takes
 
 Pipeline = Literal["letterbox", "center_crop"]
 
@@ -150,7 +151,7 @@ def load_hps(
         HPS_REPO,
         HPS_FILES[version],
         f"HPS {version} checkpoint",
-        f"--checkpoint hpsv{version[1:]}=PATH",
+        f"--checkpoint {HPS_REWARDS[version]}=PATH",
     )
     model, cfg = build_open_clip(model_name, model_config)
     load_open_clip_weights(model, path, f"HPS {version} checkpoint", f"the Hub repo {HPS_REPO}")
@@ -159,7 +160,7 @@ def load_hps(
         "cosine x 100 (HPS benchmark tables)" if scale == 100 else f"cosine x {scale:g} (hpsv2.score API)"
     )
     info = RewardInfo(
-        name="hpsv2" if version == "v2.0" else "hpsv2.1",
+        name=HPS_REWARDS[version],
         version=f"HPS {version} ({path.name}, open_clip {model_name if model_config is None else 'custom'})",
         higher_is_better=True,
         input_size=open_clip_image_size(cfg),

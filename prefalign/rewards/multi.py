@@ -79,7 +79,11 @@ def _collate(items: list[tuple]) -> dict[str, Any]:
 def _leaves(model: RewardModel) -> list[tuple[float, RewardModel]]:
     """A weighted sum as its (weight, component) terms; any other reward as itself."""
     if isinstance(model, WeightedSumReward):
-        return [(w * lw, leaf) for w, r in zip(model.weights, model.rewards, strict=True) for lw, leaf in _leaves(r)]
+        return [
+            (w * lw, leaf)
+            for w, r in zip(model.weights, model.rewards, strict=True)
+            for lw, leaf in _leaves(r)
+        ]
     return [(1.0, model)]
 
 
@@ -123,15 +127,21 @@ class RewardPass:
     def run(self, sources: Sequence[ImageLike], prompts: Sequence[str]) -> Iterator[ScoredBatch]:
         """Yield one ScoredBatch per `batch_size` consecutive sources, in order."""
         dataset = _Decoded(sources, self.preprocess, rgb=bool(self.generic))
-        loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=min(self.workers, len(sources)),
-                            collate_fn=_collate)
+        loader = DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=min(self.workers, len(sources)),
+            collate_fn=_collate,
+        )
         for batch in loader:
             for note in batch["notes"]:
                 warnings.warn(note, stacklevel=2)
             texts = [prompts[i] for i in batch["indices"]]
             if texts:
                 leaf_scores = self._score_leaves(batch, texts)
-                scores = {spec: _weighted(terms, leaf_scores, len(texts)) for spec, terms in self.terms.items()}
+                scores = {
+                    spec: _weighted(terms, leaf_scores, len(texts)) for spec, terms in self.terms.items()
+                }
             else:  # every image of the batch was unreadable
                 scores = {spec: [] for spec in self.terms}
             yield ScoredBatch(batch["indices"], batch["failed"], scores, batch["notes"])

@@ -169,7 +169,7 @@ def load_hf_clip_reward(
     from transformers import AutoTokenizer
 
     image_cfg = read_image_processor_cfg(
-        require_file(processor_dir, "CLIP processor directory", "the processor's Hub repo")
+        require_file(processor_dir, "CLIP processor directory", "the processor's Hub repo", directory=True)
     )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(processor_dir), local_files_only=True)
