@@ -24,7 +24,7 @@ import importlib.util
 import pickle
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from torchvision.transforms import InterpolationMode
 
 from prefalign.errors import PrefalignError
 from prefalign.rewards.base import ImageLike, RewardInfo, RewardModel
-from prefalign.rewards.checkpoints import describe_layout, refused_pickle_reason, require_file
+from prefalign.rewards.checkpoints import describe_layout, read_json, refused_pickle_reason, require_file
 from prefalign.rewards.images import MAX_PIXELS, load_rgb
 
 REWARD_MEAN = 0.16717362830052426
@@ -351,12 +351,26 @@ def build_imagereward(arch: ImageRewardArch | None = None, tokenizer: str | Path
     return model.to(device=device, dtype=dtype)
 
 
+def _arch_option(value: Any) -> ImageRewardArch:
+    """The `arch` option: an ImageRewardArch, a mapping of its fields, or a JSON file of them (CLI)."""
+    if value is None or isinstance(value, ImageRewardArch):
+        return value or ImageRewardArch()
+    if not isinstance(value, Mapping):
+        path = require_file(value, "ImageReward arch JSON", "a file of ImageRewardArch fields", "--option imagereward.arch=PATH")
+        value = read_json(path, "ImageReward arch JSON")
+    try:
+        return ImageRewardArch(**value)
+    except TypeError as err:
+        raise PrefalignError(f"imagereward arch {dict(value)}: {err}") from None
+
+
 def load_imagereward(checkpoint: str | Path | None, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32, **options: Any) -> ImageRewardModel:
     """Registry entry point: the official ImageReward.pt (or a .safetensors of it), loaded strictly.
 
     checkpoint None means the official package's download location, ~/.cache/ImageReward/ImageReward.pt.
-    Options: tokenizer (bert-base-uncased vocab.txt or its directory), arch (ImageRewardArch, for tests).
+    Options: tokenizer (bert-base-uncased vocab.txt or its directory), arch (ImageRewardArch, its fields as a
+    mapping or a JSON file of them: tiny test configs).
     """
     unknown = sorted(set(options) - {"tokenizer", "arch"})
     if unknown:
@@ -364,7 +378,8 @@ def load_imagereward(checkpoint: str | Path | None, device: str | torch.device =
     path = Path(checkpoint) if checkpoint is not None else _DEFAULT_CHECKPOINT.expanduser()
     state = read_state_dict(path)
     tokenizer = load_blip_tokenizer(options.get("tokenizer"))
+    arch = _arch_option(options.get("arch"))
     with torch.device("meta"):  # no random init of 447M parameters: every one comes from the checkpoint
-        model = ImageRewardModel(options.get("arch") or ImageRewardArch(), tokenizer)
+        model = ImageRewardModel(arch, tokenizer)
     model.load_official_state_dict(state, source=str(path), assign=True)
     return model.to(device=device, dtype=dtype)
