@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -107,7 +108,7 @@ def parse_spec(spec: str | Mapping[str, Any]) -> tuple[str, str | None, dict[str
         from prefalign.train.one_step import generator_dir
 
         return ("one-step" if generator_dir(path) else "diffusers"), str(path), options, label
-    if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", text) or _entry_point(text):
+    if (re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", text) and _importable(head)) or _entry_point(text):
         return "plugin", text, options, label
     kinds = ", ".join(generator_kinds())
     raise PrefalignError(
@@ -118,6 +119,13 @@ def parse_spec(spec: str | Mapping[str, Any]) -> tuple[str, str | None, dict[str
 
 # ---------------------------------------------------------------- custom generators named on the command line
 ENTRY_POINT_GROUP = "prefalign.generators"
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package is missing
+        return False
 
 
 def _entry_point(name: str) -> str | None:
