@@ -67,7 +67,8 @@ def _save_models(root: Path) -> dict[str, dict]:
     return {
         "aesthetic": {"checkpoint": root / "head.safetensors", "clip_checkpoint": clip_file,
                       "model_config": model_config},
-        "clipscore": {"checkpoint": clip_file, "backend": "open_clip", "model_config": model_config},
+        "clipscore": {"checkpoint": clip_file, "backend": "open_clip", "model_config": model_config,
+                      "clip_at_zero": False},  # random-weight cosines are often < 0: keep them visible
         "hpsv2.1": {"checkpoint": clip_file, "model_config": model_config},
         "pickscore": {"checkpoint": root / "pick", "processor": processor},
         "imagereward": {"checkpoint": root / "ir.pt", "arch": root / "ir_arch.json"},
