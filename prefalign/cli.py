@@ -285,7 +285,10 @@ def score(
     ] = None,
 ) -> None:
     """Score images with reward models (aesthetic, ImageReward, HPSv2, PickScore, CLIPScore, ...)."""
+    import warnings
+
     from prefalign.config import resolve_config
+    from prefalign.rewards.images import ImageWarning
     from prefalign.rewards.score import (
         SCORE_DEFAULTS,
         parse_checkpoint_flags,
@@ -310,7 +313,9 @@ def score(
         workers=workers,
         fast=fast,
     )
-    report = score_from_config(cfg)
+    with warnings.catch_warnings():  # image notes are printed below, one line each
+        warnings.simplefilter("ignore", ImageWarning)
+        report = score_from_config(cfg)
     for note in dict.fromkeys(report.notes):
         typer.echo(f"warning: {note}", err=True)
     for reason in report.failed.values():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ from prefalign.cli import app
 from prefalign.errors import PrefalignError
 from prefalign.rewards import checkpoints
 from prefalign.rewards.checkpoints import refused_pickle_reason
+from prefalign.rewards.images import ImageWarning
+from prefalign.rewards.multi import RewardPass
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "rewards"
 CKPT = FIXTURES / "openclip_tiny.safetensors"
@@ -155,11 +158,15 @@ def test_animated_gif_is_scored_on_its_first_frame_with_one_warning_line(tmp_pat
     frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:])
     Image.open(d / "anim.gif").convert("RGB").save(tmp_path / "first.png")
     out = tmp_path / "g.csv"
-    with pytest.warns(UserWarning, match="3 frames; scored on its first frame"):
+    with warnings.catch_warnings(record=True) as caught:  # the CLI prints the note itself, once
+        warnings.simplefilter("always")
         result = runner.invoke(app, [*_score_args(out), "--images", str(d), "--prompt", "x"])
+    assert not [w for w in caught if "frames" in str(w.message)]
     assert result.exit_code == 0, result.output
     warning_lines = [line for line in result.stderr.splitlines() if "frames" in line]
     assert warning_lines == [f"warning: {d / 'anim.gif'}: 3 frames; scored on its first frame"]
+    with pytest.warns(ImageWarning, match="3 frames; scored on its first frame"):  # the library warns
+        list(RewardPass({"hps": rewards.load("hpsv2.1", CKPT, model_config=TINY)}, workers=0).run([d / "anim.gif"], ["x"]))
     hps = rewards.load("hpsv2.1", CKPT, model_config=TINY)
     row = next(r for r in _rows(out)[1:] if r[2] == "hpsv2.1")
     assert abs(float(row[3]) - float(hps.score([tmp_path / "first.png"], ["x"])[0])) < 1e-6

@@ -97,13 +97,13 @@ def to_rgb(img: Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-class AnimatedImageWarning(UserWarning):
-    """A multi-frame file (GIF, APNG, TIFF) is scored on its first frame."""
+class ImageWarning(UserWarning):
+    """Something about an input image worth one line, e.g. a multi-frame file scored on its first frame."""
 
 
 def decode_file(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Read an image file fully, in its own mode (callers convert); any failure is an ImageLoadError naming
-    the file. A multi-frame file gives its first frame, with an AnimatedImageWarning."""
+    the file. A multi-frame file gives its first frame, with an ImageWarning."""
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(f"{path}: no such image file")
@@ -112,7 +112,7 @@ def decode_file(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
             frames = getattr(img, "n_frames", 1)
             if frames > 1:
                 img.seek(0)
-                warnings.warn(f"{path}: {frames} frames; scored on its first frame", AnimatedImageWarning,
+                warnings.warn(f"{path}: {frames} frames; scored on its first frame", ImageWarning,
                               stacklevel=2)
             if img.width * img.height > max_pixels and img.format == "JPEG":
                 # JPEG can decode straight at 1/2, 1/4 or 1/8 scale: never materialise the full-size raster.

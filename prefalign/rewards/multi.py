@@ -12,6 +12,7 @@ Rewards without this protocol (shapes-oracle, custom ones) get each batch throug
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from prefalign.rewards.base import ImageLike, RewardModel
 from prefalign.rewards.combine import WeightedSumReward
-from prefalign.rewards.images import ImageLoadError, decode, to_rgb
+from prefalign.rewards.images import ImageLoadError, ImageWarning, decode, to_rgb
 
 
 @dataclass
@@ -127,15 +128,16 @@ class RewardPass:
     def run(self, sources: Sequence[ImageLike], prompts: Sequence[str]) -> Iterator[ScoredBatch]:
         """Yield one ScoredBatch per `batch_size` consecutive sources, in order."""
         dataset = _Decoded(sources, self.preprocess, rgb=bool(self.generic))
+        workers = min(self.workers, len(sources))
+        # Forked workers inherit the preprocessing callables; spawned ones would pickle whole models.
+        context = "fork" if workers and "fork" in multiprocessing.get_all_start_methods() else None
         loader = DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=min(self.workers, len(sources)),
-            collate_fn=_collate,
+            dataset, batch_size=self.batch_size, num_workers=workers, collate_fn=_collate,
+            multiprocessing_context=context,
         )
         for batch in loader:
             for note in batch["notes"]:
-                warnings.warn(note, stacklevel=2)
+                warnings.warn(note, ImageWarning, stacklevel=2)
             texts = [prompts[i] for i in batch["indices"]]
             if texts:
                 leaf_scores = self._score_leaves(batch, texts)
