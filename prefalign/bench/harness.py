@@ -13,7 +13,8 @@ Work is cut into batches of `batch_size` consecutive images of one fixed global 
 record exists (written atomically after its PNGs), so killing a run loses only the batches in flight and a
 re-run skips every finished one. A batch always holds the same images, so a resumed run and a multi-process
 run (batch i goes to rank i mod world size; accelerate/torchrun) give bit-identical images and scores to one
-uninterrupted process. Generators are loaded once per process, then each reward once, one model at a time.
+uninterrupted process. Every reward with work to do is loaded (on the CPU) before generation starts; each
+generator is loaded once per process; then one shared pass scores every reward (see "scoring" below).
 """
 
 from __future__ import annotations
