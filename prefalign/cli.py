@@ -325,10 +325,19 @@ def score(
     config: ConfigOpt = None,
     device: DeviceOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="CSV to write (default scores.csv).")] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Image-decoding processes (default 2; 0: none).")
+    ] = None,
+    fast: Annotated[
+        bool | None, typer.Option("--fast/--exact", help="bfloat16 + channels-last: faster, not bit-exact.")
+    ] = None,
     show_config: ShowConfigOpt = False,
 ) -> None:
     """Score images with reward models (aesthetic, ImageReward, HPSv2, PickScore, CLIPScore, ...). No --seed:
     scoring is deterministic."""
+    import warnings
+
+    from prefalign.rewards.images import ImageWarning
     from prefalign.rewards.score import (
         SCORE_DEFAULTS,
         parse_checkpoint_flags,
@@ -354,12 +363,19 @@ def score(
         dtype=dtype,
         device=device,
         out=_path(out),
+        workers=workers,
+        fast=fast,
     )
-    report = score_from_config(cfg)
+    with warnings.catch_warnings():  # image notes are printed below, one line each
+        warnings.simplefilter("ignore", ImageWarning)
+        report = score_from_config(cfg)
+    for note in dict.fromkeys(report.notes):
+        typer.echo(f"warning: {note}", err=True)
     for reason in report.failed.values():
         typer.echo(f"skipped {reason}", err=True)
     failed = f"; {len(report.failed)} images failed" if report.failed else ""
-    typer.echo(f"wrote {report.rows} scores to {report.out}{failed}")
+    kept = f" (kept {report.kept} from an earlier run)" if report.kept else ""
+    typer.echo(f"wrote {report.rows} scores to {report.out}{kept}{failed}")
     if report.failed:
         raise typer.Exit(1)
 

@@ -144,4 +144,6 @@ def test_glob_with_single_prompt(tmp_path):
     pattern = str(FIXTURES / "images" / "img[0-2].png")
     result = runner.invoke(app, [*_base_args(out), "--images", pattern, "--prompt", "a photo"])
     assert result.exit_code == 0, result.output
-    assert [Path(r["path"]).name for r in _rows(out)][:3] == ["img0.png", "img1.png", "img2.png"]
+    rows = _rows(out)  # one pass: each image's rows follow each other, images in path order
+    assert [Path(r["path"]).name for r in rows if r["reward"] == "clipscore"] == ["img0.png", "img1.png", "img2.png"]
+    assert [r["reward"] for r in rows[:2]] == ["clipscore", "hpsv2.1"]

@@ -20,7 +20,10 @@ Adding a kind is one `register_generator(kind, factory)` call.
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,10 +114,46 @@ def parse_spec(spec: str | Mapping[str, Any]) -> tuple[str, str | None, dict[str
     path = Path(text).expanduser()
     if path.is_dir():
         return ("one-step" if generator_dir(path) else "diffusers"), str(path), options, label
+    if (re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", text) and _importable(head)) or _entry_point(text):
+        return "plugin", text, options, label
     kinds = ", ".join(generator_kinds())
     raise PrefalignError(
-        f"generator '{spec}': unknown kind '{head}'; use one of {kinds} or a pipeline directory"
+        f"generator '{spec}': unknown kind '{head}'; use one of {kinds}, a pipeline directory or your own "
+        "factory as package.module:function"
     )
+
+
+# ---------------------------------------------------------------- custom generators named on the command line
+ENTRY_POINT_GROUP = "prefalign.generators"
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package is missing
+        return False
+
+
+def _entry_point(name: str) -> str | None:
+    """The `module:function` an installed `prefalign.generators` entry point called `name` points to."""
+    from importlib.metadata import entry_points
+
+    return next((ep.value for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name), None)
+
+
+def _plugin(target: str | None, options: dict[str, Any]) -> BenchGenerator:
+    """`package.module:function` (or an entry point name): the function is a GeneratorFactory, called as
+    `function(None, options)` like the factories given to `register_generator`."""
+    reference = _entry_point(str(target)) or str(target)
+    module_name, _, attr = reference.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise PrefalignError(f"generator {reference}: cannot import it ({err})") from None
+    generator = factory(None, options)
+    if not isinstance(generator, BenchGenerator):
+        raise PrefalignError(f"generator {reference} returned {type(generator).__name__}, not a BenchGenerator")
+    return generator
 
 
 def resolve_generator(spec: str | Mapping[str, Any]) -> BenchGenerator:
@@ -363,4 +402,5 @@ _KINDS: dict[str, GeneratorFactory] = {
     "diffusers": _diffusers,
     "pipeline": _native_pipeline,
     "one-step": _one_step,
+    "plugin": _plugin,
 }

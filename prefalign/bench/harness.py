@@ -13,7 +13,8 @@ Work is cut into batches of `batch_size` consecutive images of one fixed global 
 record exists (written atomically after its PNGs), so killing a run loses only the batches in flight and a
 re-run skips every finished one. A batch always holds the same images, so a resumed run and a multi-process
 run (batch i goes to rank i mod world size; accelerate/torchrun) give bit-identical images and scores to one
-uninterrupted process. Generators are loaded once per process, then each reward once, one model at a time.
+uninterrupted process. Every reward with work to do is loaded (on the CPU) before generation starts; each
+generator is loaded once per process; then one shared pass scores every reward (see "scoring" below).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -37,7 +37,8 @@ from prefalign.bench.suites import Suite, load_suite, suite_from_prompts
 from prefalign.errors import PrefalignError
 from prefalign.io import atomic_path, atomic_write_text
 from prefalign.progress import track
-from prefalign.rewards.images import open_image, tensor_to_pil
+from prefalign.rewards.images import tensor_to_pil
+from prefalign.rewards.multi import RewardPass
 from prefalign.rewards.registry import component_names
 from prefalign.rewards.registry import load as load_reward
 from prefalign.runs import prepare_run_dir, resolve_device
@@ -65,6 +66,7 @@ GENERATE_DEFAULTS: dict[str, Any] = {  # `prompts`: given directly, instead of a
 }
 
 
+_DECODE_WORKERS = 2  # image-decoding processes per scoring pass
 NO_GENERATOR = "no generator given; pass --generator SPEC (e.g. shapes-teacher, diffusers:DIR)"
 
 
@@ -234,39 +236,72 @@ def generate_images(
     return generated
 
 
-def _read_image(path: Path) -> torch.Tensor:
-    return torch.from_numpy(np.array(open_image(path))).permute(2, 0, 1).float() / 255
+# ------------------------------------------------------------------------------------------------ scoring
+# Every reward with work to do is loaded before anything is generated (a bad checkpoint fails in seconds, not
+# after hours of sampling), on the CPU so generation keeps the accelerator; then one shared pass per image
+# directory (prefalign.rewards.multi: decode once, shared preprocessing and towers) fills every reward's
+# per-batch records.
+ScorePlan = dict[str, list[tuple[Path, range]]]  # reward spec -> (image directory, batch) still to score
 
 
-def score_images(
-    reward: RewardSpec, directories: Sequence[Path], items: Sequence[Item], batch_size: int, workers: Workers,
-    dtype: str, rewards_dir: Path, log: Callable[[str], None],
-) -> int:
-    """Score this process's missing batches of every directory's images with `reward` (loaded once, only when
-    something is missing); returns the number of images scored."""
-    plan = []
-    for directory in directories:
-        score_dir = directory / "scores" / reward.dirname
-        done = {f for r in _records(score_dir) for f in r["files"]}
-        plan += [(directory, score_dir, b) for i, b in enumerate(_batches(len(items), batch_size))
-                 if workers.owns(i) and any(items[j].filename not in done for j in b)]
-    log(f"[bench] {reward.spec}: {sum(len(b) for *_, b in plan)} images to score")
-    if not plan:
-        return 0
-    model = load_reward(reward.spec, reward.checkpoints or None, workers.device, DTYPES[dtype],
-                        per_reward=reward.options)
-    info = {"spec": reward.spec, "version": model.info.version, "convention": model.info.convention,
-            "higher_is_better": model.info.higher_is_better}
-    atomic_write_text(rewards_dir / f"{reward.dirname}.json", json.dumps(info, indent=2))
-    scored = 0
-    for directory, score_dir, batch in track(plan, f"scoring with {reward.spec}"):
-        chosen = [items[j] for j in batch]
-        images = torch.stack([_read_image(directory / "images" / it.filename) for it in chosen])
-        scores = model.score(images, [it.prompt for it in chosen], batch_size=batch_size).float().cpu()
-        record = {"files": [it.filename for it in chosen], "scores": scores.tolist()}
-        atomic_write_text(score_dir / _record_name(batch), json.dumps(record))
-        scored += len(chosen)
-    del model
+def plan_scoring(
+    rewards: Sequence[RewardSpec], directories: Sequence[Path], items: Sequence[Item], batch_size: int,
+    workers: Workers,
+) -> ScorePlan:
+    """This process's batches that lack a score record, per reward."""
+    plan: ScorePlan = {}
+    for reward in rewards:
+        plan[reward.spec] = []
+        for directory in directories:
+            done = {f for r in _records(directory / "scores" / reward.dirname) for f in r["files"]}
+            plan[reward.spec] += [(directory, b) for i, b in enumerate(_batches(len(items), batch_size))
+                                  if workers.owns(i) and any(items[j].filename not in done for j in b)]
+    return plan
+
+
+def load_rewards(
+    rewards: Sequence[RewardSpec], plan: ScorePlan, dtype: str, rewards_dir: Path, log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Load (on the CPU) every reward that has something to score and record what its numbers mean."""
+    models = {}
+    for reward in rewards:
+        log(f"[bench] {reward.spec}: {sum(len(b) for _, b in plan[reward.spec])} images to score")
+        if not plan[reward.spec]:
+            continue
+        model = load_reward(reward.spec, reward.checkpoints or None, "cpu", DTYPES[dtype], per_reward=reward.options)
+        info = {"spec": reward.spec, "version": model.info.version, "convention": model.info.convention,
+                "higher_is_better": model.info.higher_is_better}
+        atomic_write_text(rewards_dir / f"{reward.dirname}.json", json.dumps(info, indent=2))
+        models[reward.spec] = model
+    return models
+
+
+def score_all(
+    rewards: Sequence[RewardSpec], models: Mapping[str, Any], plan: ScorePlan, items: Sequence[Item],
+    batch_size: int, workers: Workers,
+) -> dict[str, int]:
+    """Score every planned batch with one shared pass per image directory; returns images scored per spec."""
+    scored = {r.spec: 0 for r in rewards}
+    if not models:
+        return scored
+    models = {spec: model.to(workers.device) for spec, model in models.items()}
+    dirnames = {r.spec: r.dirname for r in rewards}
+    for directory in dict.fromkeys(d for entries in plan.values() for d, _ in entries):
+        wanted = {spec: {b.start for d, b in entries if d == directory} for spec, entries in plan.items()}
+        batches = sorted({b for entries in plan.values() for d, b in entries if d == directory}, key=lambda b: b.start)
+        active = {spec: models[spec] for spec in models if wanted[spec]}
+        chosen = [items[j] for b in batches for j in b]  # consecutive batches: the pass cuts them the same way
+        scoring = RewardPass(active, batch_size=batch_size, workers=_DECODE_WORKERS)
+        stream = scoring.run([directory / "images" / it.filename for it in chosen], [it.prompt for it in chosen])
+        for batch, result in track(zip(batches, stream, strict=True), f"scoring {directory.name}",
+                                   total=len(batches)):
+            if result.failed:
+                raise PrefalignError(f"{directory}: {next(iter(result.failed.values()))}; delete it and re-run")
+            for spec in active:
+                if batch.start in wanted[spec]:
+                    record = {"files": [items[j].filename for j in batch], "scores": result.scores[spec]}
+                    atomic_write_text(directory / "scores" / dirnames[spec] / _record_name(batch), json.dumps(record))
+                    scored[spec] += len(batch)
     return scored
 
 
@@ -364,11 +399,11 @@ def run_bench(
     workers.barrier()
     say(f"[bench] {suite.name}: {len(suite.prompts)} prompts × {config['samples_per_prompt']} → {out}")
     batch = config["batch_size"]
+    plan = plan_scoring(rewards, [d for _, d in targets], items, batch, workers)
+    models = load_rewards(rewards, plan, config.get("dtype", "float32"), out / "rewards", say)
     generated = {g.label: generate_images(g, items, d, batch, workers, say) for g, d in targets}
     workers.barrier()
-    directories, dtype = [d for _, d in targets], config.get("dtype", "float32")
-    scored = {r.spec: score_images(r, directories, items, batch, workers, dtype, out / "rewards", say)
-              for r in rewards}
+    scored = score_all(rewards, models, plan, items, batch, workers)
     workers.barrier()
     board = None
     if workers.is_main:

@@ -27,6 +27,7 @@ from prefalign.rewards.clip_common import (
     load_weights,
     normalize,
     open_clip_image_size,
+    open_clip_tower_id,
     pil_resize_crop,
     resolve_checkpoint,
     tensor_resize_crop,
@@ -85,8 +86,16 @@ class AestheticReward(ClipLikeReward):
         x = tensor_resize_crop(x, self.image_size, self.image_size, "round")
         return normalize(x, OPENAI_MEAN, OPENAI_STD)
 
-    def reward_from_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        emb = self.visual(pixels.to(self.device, self.dtype)).float()
+    @property
+    def preprocess_key(self) -> tuple:
+        return ("crop", self.image_size, self.image_size, "round", OPENAI_MEAN, OPENAI_STD)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The CLIP image embedding (open_clip `encode_image` without normalisation)."""
+        return self.visual(pixels.to(self.device, self.dtype))
+
+    def reward_from_features(self, features: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        emb = features.float()
         norm = emb.norm(dim=-1, keepdim=True)
         emb = emb / torch.where(norm == 0, torch.ones_like(norm), norm)  # `normalized()`: l2[l2 == 0] = 1
         return self.head(emb.to(self.head.layers[0].weight.dtype)).squeeze(-1).float()
@@ -106,20 +115,23 @@ def load_aesthetic(
     CLIP tower; the head stays fp32 as in the official code."""
     if checkpoint is None:
         raise PrefalignError(
-            f"no LAION aesthetic head given: pass --checkpoint aesthetic=PATH (from {HEAD_SOURCE})"
+            "aesthetic needs two files: no LAION aesthetic head given: pass --checkpoint aesthetic=PATH "
+            f"(from {HEAD_SOURCE}), and the CLIP tower --option aesthetic.clip_checkpoint=PATH "
+            f"({CLIP_FILE} from the Hub repo {CLIP_REPO}; fetched when online)"
         )
-    head_state = load_weights(
-        checkpoint, "LAION aesthetic head", HEAD_SOURCE
-    )  # fail fast, before the big tower
-    model, cfg = build_open_clip(model_name, model_config)
+    # Both files are checked before the big tower is built or read.
+    head_state = load_weights(checkpoint, "LAION aesthetic head", HEAD_SOURCE, "--checkpoint aesthetic=PATH")
     clip_path = resolve_checkpoint(
         clip_checkpoint,
         CLIP_REPO,
         CLIP_FILE,
-        "OpenAI CLIP ViT-L/14 weights",
+        "OpenAI CLIP ViT-L/14 weights (aesthetic's second file)",
         "--option aesthetic.clip_checkpoint=PATH",
     )
-    state = load_weights(clip_path, "CLIP image tower", f"the Hub repo {CLIP_REPO}")
+    model, cfg = build_open_clip(model_name, model_config)
+    state = load_weights(
+        clip_path, "CLIP image tower", f"the Hub repo {CLIP_REPO}", "--option aesthetic.clip_checkpoint=PATH"
+    )
     visual_state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
     # Only the image tower is used; text-tower keys in a full CLIP checkpoint are ignored on purpose.
     load_strict(model.visual, visual_state, f"CLIP image tower {clip_path}")
@@ -133,4 +145,5 @@ def load_aesthetic(
         convention="raw regression score, AVA 1-10 scale",
     )
     reward = AestheticReward(model.visual.to(dtype=dtype), head, info, open_clip_image_size(cfg))
+    reward.tower_id = open_clip_tower_id(clip_path, cfg)  # shared with clipscore on the same weights
     return reward.to(device).eval().requires_grad_(False)

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import pickle
-import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -33,6 +30,14 @@ from torchvision.transforms import functional as TF
 
 from prefalign.errors import PrefalignError
 from prefalign.rewards.base import ImageLike, RewardInfo, RewardModel
+from prefalign.rewards.checkpoints import (  # noqa: F401  (re-exported: adapters import them from here)
+    hub_offline,
+    load_strict,
+    load_weights,
+    read_json,
+    require_file,
+    resolve_checkpoint,
+)
 from prefalign.rewards.images import load_rgb
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -106,131 +111,11 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     return (x - m) / s
 
 
-# ------------------------------------------------------------------------------------- checkpoints and files
-def require_file(path: str | Path, what: str, source: str) -> Path:
-    """`path` as a Path if it exists, else a one-line error naming it and where the file comes from."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise PrefalignError(f"{what} not found: {path} (get it from {source})")
-    return path
-
-
-def _torch_load_tensors(path: Path) -> object:
-    """`torch.load(weights_only=True)`, memory-mapped when the file allows it (a 4 GB checkpoint is then not
-    held twice while loading), without torch's TorchScript warning (load_weights raises a clearer error)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*TorchScript archive", category=UserWarning)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
-
-
-def load_weights(path: str | Path, what: str, source: str) -> dict[str, torch.Tensor]:
-    """Read a state dict without running pickled code: safetensors, or `torch.load(weights_only=True)`.
-
-    A checkpoint that pickles arbitrary objects (a whole nn.Module, an argparse Namespace, a TorchScript
-    archive) is refused with the reason; the fix is to re-save its tensors as a plain state dict or
-    safetensors.
-    """
-    path = require_file(path, what, source)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as err:  # safetensors raises its own error types for truncated/corrupt files
-            raise PrefalignError(f"cannot read {what} {path}: {err}") from None
-    try:
-        obj = _torch_load_tensors(path)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if found is None:  # not a pickle of tensors at all: truncated, corrupt or another format
-            raise PrefalignError(
-                f"cannot read {what} {path}: not a torch checkpoint or safetensors file"
-            ) from None
-        raise PrefalignError(
-            f"refused to load {what} {path}: it pickles an object of type {found[1]}, not just tensors, "
-            "and unpickling can run arbitrary code; re-save its state dict with "
-            "torch.save(model.state_dict()) or safetensors"
-        ) from None
-    except RuntimeError as err:
-        if "TorchScript" in str(err):
-            raise PrefalignError(
-                f"refused to load {what} {path}: it is a TorchScript archive (e.g. OpenAI's ViT-L-14.pt), "
-                "which runs embedded code; pass a plain state dict or safetensors (open_clip's Hub weights)"
-            ) from None
-        raise PrefalignError(f"cannot read {what} {path}: {str(err).strip().splitlines()[0]}") from None
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise PrefalignError(f"{what} {path} is not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def load_strict(
-    module: torch.nn.Module,
-    state: Mapping[str, torch.Tensor],
-    what: str,
-    ignore: Callable[[str], bool] = lambda key: False,
-) -> None:
-    """`load_state_dict(strict=True)` minus keys the allow-list predicate `ignore` names; one-line error."""
-    try:
-        result = module.load_state_dict({k: v for k, v in state.items() if not ignore(k)}, strict=False)
-    except RuntimeError as err:  # shape mismatches raise even when strict=False
-        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
-        raise PrefalignError(f"{what} does not match the architecture: {detail}") from None
-    if result.missing_keys or result.unexpected_keys:
-        missing, unexpected = result.missing_keys, result.unexpected_keys
-        raise PrefalignError(
-            f"{what} does not match the architecture: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); "
-            "is it the right checkpoint/model config?"
-        )
-
-
-def hub_offline() -> bool:
-    """True when the user asked for offline mode (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
-    return any(
-        os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
-def resolve_checkpoint(
-    path: str | Path | None, repo_id: str, filename: str | None, what: str, flag: str
-) -> Path:
-    """A local checkpoint path; when none is given, the official Hub file (a cached copy offline).
-
-    `filename=None` resolves a whole Hub repository (a transformers model directory).
-    """
-    if path is not None:
-        return require_file(path, what, f"the Hub repo {repo_id}")
-    import huggingface_hub
-
-    offline = hub_offline()
-    try:
-        if filename is None:  # configs, tokenizer files and weights; not the TF/Flax/ONNX copies
-            patterns = ["*.json", "*.txt", "*.safetensors", "*.bin"]
-            return Path(
-                huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline)
-            )
-        return Path(huggingface_hub.hf_hub_download(repo_id, filename, local_files_only=offline))
-    except Exception as err:  # network, auth, offline-cache miss: all mean "give me a local file"
-        where = f"{repo_id}/{filename}" if filename else repo_id
-        raise PrefalignError(
-            f"no {what} given and the Hub file {where} could not be fetched ({type(err).__name__}); "
-            f"download it and pass {flag}"
-        ) from None
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise PrefalignError(f"{what} {path} is not readable JSON ({err})") from None
+# ------------------------------------------------------------------------------------------ shared towers
+def tower_identity(kind: str, weights: Path, config: Mapping) -> tuple:
+    """`tower_id` of an image tower: its implementation, weights file (path, size, mtime) and config."""
+    stat = weights.stat()
+    return (kind, str(weights.resolve()), stat.st_size, stat.st_mtime_ns, json.dumps(config, sort_keys=True))
 
 
 # -------------------------------------------------------------------------------------------- the base class
@@ -284,7 +169,28 @@ class ClipLikeReward(RewardModel):
         raise NotImplementedError
 
     def reward_from_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Rewards of preprocessed pixels; by default the image tower, then the head/text side."""
+        return self.reward_from_features(self.encode_image(pixels), prompts)
+
+    # Rewards that run the same image tower on the same pixels share one forward in a multi-reward pass
+    # (prefalign.rewards.multi): `tower_id` names the tower (weights file, config, dtype); None shares nothing.
+    tower_id: tuple | None = None
+
+    @property
+    def preprocess_key(self) -> tuple | None:
+        """Equal keys mean `preprocess_pil` gives identical tensors, so one preprocessing serves both."""
+        return None
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def reward_from_features(self, features: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def warn_prompts(self, prompts: Sequence[str]) -> None:
+        """The official tokenizer's truncation and empty-prompt warnings for one batch of prompts."""
+        if self.uses_prompts:
+            check_prompts(prompts, self.token_counts(prompts), self.context_length, self.name)
 
     def token_counts(self, prompts: Sequence[str]) -> list[int]:
         """Tokens per prompt before truncation, start/end tokens included."""
@@ -306,8 +212,7 @@ class ClipLikeReward(RewardModel):
     ) -> torch.Tensor:
         """Batched no-grad scores with the official preprocessing (see the module docstring)."""
         prompts = self._check_batch(len(images), prompts)
-        if self.uses_prompts:
-            check_prompts(prompts, self.token_counts(prompts), self.context_length, self.name)
+        self.warn_prompts(prompts)
         out = []
         for start in range(0, len(images), max(1, batch_size)):
             chunk = [load_rgb(images[i]) for i in range(start, min(start + batch_size, len(images)))]
@@ -384,6 +289,11 @@ def open_clip_tokenizer(cfg: Mapping) -> Any:
     from open_clip.tokenizer import SimpleTokenizer
 
     return SimpleTokenizer(context_length=cfg.get("text_cfg", {}).get("context_length", 77))
+
+
+def open_clip_tower_id(weights: Path, cfg: Mapping) -> tuple:
+    """`tower_id` of an open_clip image tower loaded from `weights` with model config `cfg`."""
+    return tower_identity("open_clip.visual", weights, {k: cfg.get(k) for k in ("embed_dim", "vision_cfg", "quick_gelu")})
 
 
 def open_clip_image_size(cfg: Mapping) -> int:

@@ -25,6 +25,7 @@ from prefalign.rewards.clip_common import (
     build_open_clip,
     open_clip_image_size,
     open_clip_tokenizer,
+    open_clip_tower_id,
     read_json,
     resolve_checkpoint,
 )
@@ -100,6 +101,7 @@ def load_clipscore(
             clip_at_zero=clip_at_zero,
             **{k: tuple(preprocess_cfg[k]) for k in ("mean", "std") if k in preprocess_cfg},
         )
+        reward.tower_id = open_clip_tower_id(path, cfg)
         return reward.to(device=device, dtype=dtype).eval().requires_grad_(False)
     raise PrefalignError(
         f"clipscore backend '{backend}' is unknown; use backend=transformers or backend=open_clip"

@@ -39,6 +39,7 @@ from prefalign.rewards.clip_common import (
     normalize,
     open_clip_image_size,
     open_clip_tokenizer,
+    open_clip_tower_id,
     pil_resize_crop,
     resolve_checkpoint,
     tensor_resize_crop,
@@ -46,6 +47,7 @@ from prefalign.rewards.clip_common import (
 
 HPS_REPO = "xswu/HPSv2"
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
+HPS_REWARDS = {"v2.0": "hpsv2", "v2.1": "hpsv2.1"}  # registry names, which --checkpoint NAME=PATH takes
 
 Pipeline = Literal["letterbox", "center_crop"]
 
@@ -103,8 +105,17 @@ class OpenClipReward(ClipLikeReward):
         tokens = self.tokenizer(prompts).to(self.device)
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
-    def reward_from_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        image = F.normalize(self.model.encode_image(pixels.to(self.device, self.dtype)).float(), dim=-1)
+    @property
+    def preprocess_key(self) -> tuple:
+        if self.pipeline == "letterbox":
+            return ("letterbox", self.image_size, self.antialias, self.mean, self.std)
+        return ("crop", self.image_size, self.image_size, "round", self.mean, self.std)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels.to(self.device, self.dtype))
+
+    def reward_from_features(self, features: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        image = F.normalize(features.float(), dim=-1)
         text = self._encode_unique(prompts, self._encode_text)
         return cosine_to_score((image * text).sum(-1), self.scale, self.clip_at_zero)
 
@@ -140,7 +151,7 @@ def load_hps(
         HPS_REPO,
         HPS_FILES[version],
         f"HPS {version} checkpoint",
-        f"--checkpoint hpsv{version[1:]}=PATH",
+        f"--checkpoint {HPS_REWARDS[version]}=PATH",
     )
     model, cfg = build_open_clip(model_name, model_config)
     load_open_clip_weights(model, path, f"HPS {version} checkpoint", f"the Hub repo {HPS_REPO}")
@@ -149,7 +160,7 @@ def load_hps(
         "cosine x 100 (HPS benchmark tables)" if scale == 100 else f"cosine x {scale:g} (hpsv2.score API)"
     )
     info = RewardInfo(
-        name="hpsv2" if version == "v2.0" else "hpsv2.1",
+        name=HPS_REWARDS[version],
         version=f"HPS {version} ({path.name}, open_clip {model_name if model_config is None else 'custom'})",
         higher_is_better=True,
         input_size=open_clip_image_size(cfg),
@@ -164,6 +175,7 @@ def load_hps(
         scale=scale,
         antialias=as_bool(antialias),
     )
+    reward.tower_id = open_clip_tower_id(path, cfg)
     return (
         reward.to(device=device, dtype=dtype).eval().requires_grad_(False)
     )  # frozen: gradients go to pixels only

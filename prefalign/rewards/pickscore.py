@@ -36,6 +36,7 @@ from prefalign.rewards.clip_common import (
     require_file,
     resolve_checkpoint,
     tensor_resize_crop,
+    tower_identity,
 )
 
 PICKSCORE_REPO = "yuvalkirstain/PickScore_v1"
@@ -90,9 +91,17 @@ class HFClipReward(ClipLikeReward):
         pooled = self.model.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return F.normalize(self.model.text_projection(pooled.pooler_output).float(), dim=-1)
 
-    def reward_from_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    @property
+    def preprocess_key(self) -> tuple:
+        c = self.image_cfg
+        return ("crop", c["size"], c["crop"], "floor", tuple(c["mean"]), tuple(c["std"]))
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         pooled = self.model.vision_model(pixel_values=pixels.to(self.device, self.dtype)).pooler_output
-        image = F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+        return self.model.visual_projection(pooled)
+
+    def reward_from_features(self, features: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        image = F.normalize(features.float(), dim=-1)
         text = self._encode_unique(prompts, self._encode_text)
         scale = self.model.logit_scale.exp().float() if self.scale is None else self.scale
         return cosine_to_score((image * text).sum(-1), scale, self.clip_at_zero)
@@ -123,7 +132,7 @@ def read_image_processor_cfg(processor_dir: Path) -> dict[str, Any]:
     return {"size": size, "crop": int(crop_hw[0]), "mean": tuple(mean), "std": tuple(std)}
 
 
-def _load_clip_model(model_dir: Path, what: str) -> torch.nn.Module:
+def _load_clip_model(model_dir: Path, what: str) -> tuple[torch.nn.Module, Path]:
     """`CLIPModel(config)` + a strict, pickle-free state-dict load (position_ids buffers allowed)."""
     from transformers import CLIPConfig, CLIPModel
 
@@ -143,7 +152,7 @@ def _load_clip_model(model_dir: Path, what: str) -> torch.nn.Module:
     else:
         state = load_weights(path, what, "the model's Hub repo")
     load_strict(model, state, f"{what} {path}", ignore=lambda key: key.endswith("position_ids"))
-    return model.eval()
+    return model.eval(), path
 
 
 def load_hf_clip_reward(
@@ -160,7 +169,7 @@ def load_hf_clip_reward(
     from transformers import AutoTokenizer
 
     image_cfg = read_image_processor_cfg(
-        require_file(processor_dir, "CLIP processor directory", "the processor's Hub repo")
+        require_file(processor_dir, "CLIP processor directory", "the processor's Hub repo", directory=True)
     )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(processor_dir), local_files_only=True)
@@ -169,8 +178,9 @@ def load_hf_clip_reward(
         raise PrefalignError(
             f"no CLIP tokenizer in {processor_dir} (vocab.json + merges.txt): {first}"
         ) from None
-    model = _load_clip_model(model_dir, info.name)
+    model, weights = _load_clip_model(model_dir, info.name)
     reward = HFClipReward(model, tokenizer, info, image_cfg=image_cfg, scale=scale, clip_at_zero=clip_at_zero)
+    reward.tower_id = tower_identity("transformers.clip.vision", weights, model.config.vision_config.to_dict())
     return reward.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

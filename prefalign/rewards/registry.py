@@ -1,5 +1,8 @@
 """Reward registry: `load("hpsv2.1")`, `load("0.5*hpsv2.1+aesthetic")`, `register(name, factory)`.
 
+A reward not registered in code can still be named wherever a reward name goes (the CLI included): as
+`package.module:function` (a factory), or by the name of an installed `prefalign.rewards` entry point.
+
 A factory is called as `factory(checkpoint, device, dtype, **options)` and returns a RewardModel. Built-in
 entries are "module:function" strings imported on first use, so `import prefalign.rewards` stays light and an
 adapter's heavy dependencies load only when that reward is asked for.
@@ -36,7 +39,10 @@ _FACTORIES: dict[str, Factory | str] = {
     "shapes-clip": "prefalign.shapes.rewards:load_shapes_clip_reward",
 }
 
-_NAME = r"[A-Za-z][\w.]*(?:-[A-Za-z][\w.]*)*"
+_PLAIN_NAME = r"[A-Za-z][\w.]*(?:-[A-Za-z][\w.]*)*"
+# A term may also be a plugin named as `package.module:factory` (imported on first use).
+_NAME = rf"{_PLAIN_NAME}(?::[A-Za-z_]\w*)?"
+ENTRY_POINT_GROUP = "prefalign.rewards"  # installed packages may register rewards under this group
 _TERM = re.compile(
     rf"\s*(?P<sign>[+-])?\s*(?:(?P<weight>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*\*\s*)?(?P<name>{_NAME})\s*"
 )
@@ -52,7 +58,7 @@ def register(name: str, factory: Factory | str, *, replace: bool = False) -> Non
 
     Re-registering a name with a different factory needs `replace=True` (guards against two plugins clashing).
     """
-    if not re.fullmatch(_NAME, name):
+    if not re.fullmatch(_PLAIN_NAME, name):
         raise ValueError(
             f"reward name {name!r} must start with a letter and use only letters, digits, '_', '.', '-'"
         )
@@ -61,9 +67,24 @@ def register(name: str, factory: Factory | str, *, replace: bool = False) -> Non
     _FACTORIES[name] = factory
 
 
+def _plugin(name: str) -> str | None:
+    """`module:factory` as given, or the target of an installed `prefalign.rewards` entry point `name`."""
+    if ":" in name:
+        return name
+    from importlib.metadata import entry_points
+
+    return next((ep.value for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name), None)
+
+
 def _resolve_factory(name: str) -> Factory:
     if name not in _FACTORIES:
-        raise PrefalignError(f"unknown reward '{name}'; known rewards: {', '.join(available())}")
+        plugin = _plugin(name)
+        if plugin is None:
+            raise PrefalignError(
+                f"unknown reward '{name}'; known rewards: {', '.join(available())} "
+                "(or name your own factory as package.module:function)"
+            )
+        _FACTORIES[name] = plugin
     factory = _FACTORIES[name]
     if isinstance(factory, str):
         module_name, _, attr = factory.partition(":")
@@ -97,7 +118,8 @@ def parse_spec(spec: str) -> list[tuple[float, str]]:
 
 def component_names(spec: str) -> list[str]:
     """The distinct registered names a reward spec uses; an unknown one raises (listing the known names)."""
-    names = [spec] if spec in _FACTORIES else list(dict.fromkeys(name for _, name in parse_spec(spec)))
+    single = spec in _FACTORIES or re.fullmatch(_NAME, spec)
+    names = [spec] if single else list(dict.fromkeys(name for _, name in parse_spec(spec)))
     for name in names:
         _resolve_factory(name)
     return names
@@ -139,7 +161,7 @@ def load(
     reward's factory; `per_reward` maps reward names to options and works for sums too.
     """
     per_reward = per_reward or {}
-    if name in _FACTORIES:
+    if name in _FACTORIES or re.fullmatch(_NAME, name):
         return _load_one(
             name, _checkpoint_for(name, checkpoint), device, dtype, {**per_reward.get(name, {}), **options}
         )

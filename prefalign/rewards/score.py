@@ -1,7 +1,9 @@
 """`prefalign score`: score image files with one or more rewards and write one CSV row per (image, reward).
 
-Each reward is loaded once and run over all images in batches before the next one is loaded, so only one
-model is in memory at a time. An unreadable image is skipped (and reported) rather than aborting the run.
+All rewards are loaded (so a bad checkpoint fails before any work), then one pass over the images serves them
+all (prefalign.rewards.multi: decode once, shared preprocessing and image towers). Rows are appended batch by
+batch; re-running the same command after a kill computes only the missing rows. An unreadable image is
+skipped (and reported) rather than aborting the run.
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import json
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +25,8 @@ from prefalign.config import parse_value
 from prefalign.errors import PrefalignError
 from prefalign.io import atomic_write_text
 from prefalign.progress import track
-from prefalign.rewards.images import IMAGE_SUFFIXES, ImageLoadError, list_image_files, load_rgb
+from prefalign.rewards.images import IMAGE_SUFFIXES, list_image_files
+from prefalign.rewards.multi import RewardPass
 from prefalign.rewards.registry import component_names, load
 from prefalign.runs import resolve_device
 
@@ -38,14 +44,18 @@ SCORE_DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
     "checkpoints": {},
     "options": {},
+    "workers": 2,  # image-decoding processes overlapping the forward passes (0: decode in this process)
+    "fast": False,  # bfloat16 autocast + channels-last: faster, not bit-exact (see benchmarks/RESULTS.md)
 }
 
 
 @dataclass
 class ScoreReport:
     out: Path
-    rows: int
+    rows: int  # rows written by this run
+    kept: int = 0  # rows already in `out` from an earlier run, not recomputed
     failed: dict[str, str] = field(default_factory=dict)  # path -> reason
+    notes: list[str] = field(default_factory=list)  # one-line warnings, e.g. an animated GIF's first frame
 
 
 def collect_images(spec: str) -> tuple[list[str], list[str] | None]:
@@ -152,6 +162,46 @@ def _check_names(
             raise PrefalignError(f"--option {name}.…: '{name}' is not among the rewards {sorted(names)}")
 
 
+def _check_writable(out: Path) -> None:
+    """Fail before any model loads when `out` cannot be written (a directory, a read-only folder)."""
+    if out.is_dir():
+        raise PrefalignError(f"--out {out} is a directory; give a CSV file path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as err:
+        raise PrefalignError(f"--out {out}: cannot write there ({err.strerror or err})") from None
+
+
+def _settings_path(out: Path) -> Path:
+    return out.with_name(out.name + ".settings.json")
+
+
+def _resume_rows(out: Path, settings: dict[str, Any]) -> set[tuple[str, str]]:
+    """(path, reward) pairs already in `out` from an earlier (possibly killed) run with the same settings per
+    reward; a partial last line is cut off. A file that is not a score CSV is refused, not overwritten."""
+    if not out.exists() or out.stat().st_size == 0:
+        return set()
+    data = out.read_bytes()
+    if not data.endswith(b"\n"):  # killed mid-write: drop the unfinished row
+        with out.open("r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+    with out.open(newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        if next(reader, None) != list(CSV_COLUMNS):
+            raise PrefalignError(f"--out {out} exists and is not a prefalign score CSV; pass a new --out")
+        done = {(row[0], row[2]) for row in reader if len(row) == len(CSV_COLUMNS)}
+    previous = json.loads(sp.read_text()) if (sp := _settings_path(out)).is_file() else {}
+    for spec, values in settings.items():
+        if spec in previous and previous[spec] != values:
+            raise PrefalignError(
+                f"--out {out} holds {spec} scores made with other checkpoints/options/dtype; pass a new --out "
+                "or delete it"
+            )
+    return done
+
+
 def score_images(
     rewards: Sequence[str],
     images: str,
@@ -163,52 +213,60 @@ def score_images(
     dtype: str = "float32",
     checkpoints: Mapping[str, str] | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    workers: int = 2,
+    fast: bool = False,
 ) -> ScoreReport:
-    """Score every image with every reward; write `out` (columns path, prompt, reward, score) atomically."""
+    """Score every image with every reward in one pass; append rows to `out` (path, prompt, reward, score) as
+    batches finish, so a killed run resumes where it stopped (no row lost or written twice)."""
     if not rewards:
         raise PrefalignError("no reward given; pass --reward NAME (e.g. --reward hpsv2.1)")
     if dtype not in DTYPES:
         raise PrefalignError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     if batch_size < 1:
         raise PrefalignError(f"--batch-size {batch_size} must be at least 1")
-    checkpoints = dict(checkpoints or {})
+    checkpoints, options, out = dict(checkpoints or {}), dict(options or {}), Path(out)
     paths, csv_prompts = collect_images(images)
     prompt_list = resolve_prompts(len(paths), prompts, prompt, csv_prompts)
-    _check_names(rewards, checkpoints, options or {})
+    _check_names(rewards, checkpoints, options)
+    _check_writable(out)
+    specs = list(dict.fromkeys(rewards))
+    settings = {spec: _spec_settings(spec, checkpoints, options, dtype) for spec in specs}
+    done = _resume_rows(out, settings)
+    todo = [i for i, p in enumerate(paths) if any((p, spec) not in done for spec in specs)]
+    report = ScoreReport(out=out, rows=0, kept=len(done))
+    if not todo:
+        return report
     torch_device = resolve_device(device)
+    models = {spec: load(spec, checkpoints, torch_device, DTYPES[dtype], per_reward=options) for spec in specs}
+    previous = json.loads(sp.read_text()) if (sp := _settings_path(out)).is_file() else {}
+    atomic_write_text(_settings_path(out), json.dumps({**previous, **settings}, indent=1, sort_keys=True))
+    scoring = RewardPass(models, batch_size=batch_size, workers=workers, fast=fast)
+    sources, texts = [paths[i] for i in todo], [prompt_list[i] for i in todo]
+    batches = scoring.run(sources, texts)
+    with out.open("a", newline="", encoding="utf-8") as fh:
+        if fh.tell() == 0:
+            fh.write(",".join(CSV_COLUMNS) + "\n")
+        for batch in track(batches, f"scoring with {', '.join(specs)}", total=-(-len(todo) // batch_size)):
+            report.failed.update({sources[i]: reason for i, reason in batch.failed.items()})
+            report.notes += batch.notes
+            buffer = io.StringIO()
+            writer = csv.writer(buffer, lineterminator="\n")
+            for row, i in enumerate(batch.indices):
+                for spec in specs:
+                    if (sources[i], spec) not in done:
+                        writer.writerow((sources[i], texts[i], spec, f"{batch.scores[spec][row]:.8g}"))
+                        report.rows += 1
+            fh.write(buffer.getvalue())  # one write per batch, flushed: a kill loses at most this batch
+            fh.flush()
+            os.fsync(fh.fileno())
+    return report
 
-    failed: dict[str, str] = {}
-    rows: list[tuple[str, str, str, float]] = []
-    for spec in rewards:
-        model = load(spec, checkpoints, torch_device, DTYPES[dtype], per_reward=options or {})
-        batches = range(0, len(paths), batch_size)
-        for start in track(batches, f"scoring with {spec}", total=len(batches)):
-            chunk, chunk_prompts, chunk_images = [], [], []
-            for path, text in zip(
-                paths[start : start + batch_size], prompt_list[start : start + batch_size], strict=True
-            ):
-                if path in failed:
-                    continue
-                try:
-                    chunk_images.append(load_rgb(path))
-                except ImageLoadError as err:
-                    failed[path] = str(err)
-                    continue
-                chunk.append(path)
-                chunk_prompts.append(text)
-            if chunk:
-                scores = model.score(chunk_images, chunk_prompts, batch_size=batch_size)
-                rows += [
-                    (p, t, spec, float(s))
-                    for p, t, s in zip(chunk, chunk_prompts, scores.tolist(), strict=True)
-                ]
-        del model
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    writer.writerows((p, t, r, f"{s:.8g}") for p, t, r, s in rows)
-    atomic_write_text(out, buffer.getvalue())
-    return ScoreReport(out=Path(out), rows=len(rows), failed=failed)
+
+def _spec_settings(spec: str, checkpoints: Mapping[str, str], options: Mapping[str, Any], dtype: str) -> dict:
+    names = component_names(spec)
+    settings = {"checkpoints": {n: str(checkpoints[n]) for n in names if n in checkpoints},
+                "options": {n: dict(options[n]) for n in names if n in options}, "dtype": dtype}
+    return json.loads(json.dumps(settings, default=str))  # as it reads back from the settings file
 
 
 def score_from_config(config: Mapping[str, Any]) -> ScoreReport:
