@@ -248,6 +248,8 @@ SCORE: Schema = {
     "dtype": Field("reward dtype", choices=SAVE_DTYPES),
     "checkpoints": Field("reward name -> local checkpoint", free=True),
     "options": Field("reward name -> {option: value}", free=True),
+    "workers": Field("image-decoding processes overlapping the forward passes; 0: decode in this process", ge=0),
+    "fast": Field("bfloat16 autocast + channels-last: faster where it helps, not bit-exact"),
 }
 
 DEMO: Schema = {
