@@ -1,6 +1,6 @@
 """A model family is a strategy: how to encode prompts, call the network and size its latents.
 
-`DiffusionModel` owns the components, the schedule and classifier-free guidance; a family only says what
+`DiffusionModel` (prefalign.diffusion.models) owns the components, the schedule and classifier-free guidance; a family only says what
 differs between SD, SDXL, PixArt, pixel-space, SD3 and FLUX. Adding a family is one file that subclasses
 `ModelFamily` and decorates it with `register_family`.
 """
@@ -8,15 +8,28 @@ differs between SD, SDXL, PixArt, pixel-space, SD3 and FLUX. Adding a family is 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from prefalign.diffusion.conditioning import Conditioning
 from prefalign.errors import PrefalignError
 
-if TYPE_CHECKING:
-    from prefalign.diffusion.models import DiffusionModel
+
+class FamilyModel(Protocol):
+    """What a family reads of the `DiffusionModel` it serves: typed by shape, so the families, which the model
+    imports, need not import it back."""
+
+    denoiser: torch.nn.Module
+    text_encoders: Any
+    tokenizers: list
+    schedule: Any
+    vae_scale_factor: int
+    image_size: int | None
+    pipeline_class: str
+    force_zeros_for_empty_prompt: bool
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor: ...
 
 FAMILY_REGISTRY: dict[str, ModelFamily] = {}
 
@@ -32,10 +45,10 @@ class ModelFamily:
     uses_vae: ClassVar[bool] = True
     flow_spacing: ClassVar[str] = "linspace"  # the pipeline's flow sigma grid (`FlowSchedule.sampling_sigmas`)
 
-    def encode_prompts(self, model: DiffusionModel, prompts: list[str]) -> Conditioning:
+    def encode_prompts(self, model: FamilyModel, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
 
-    def forward(self, model: DiffusionModel, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def forward(self, model: FamilyModel, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The raw network output for x_t [B, C, H, W], timesteps t [B] and conditioning on x_t's device/dtype."""
         return model.denoiser(
             x_t, t, encoder_hidden_states=cond.hidden_states, added_cond_kwargs=cond.added or None,
@@ -43,7 +56,7 @@ class ModelFamily:
         )[0]
 
     def guided(
-        self, model: DiffusionModel, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning,
+        self, model: FamilyModel, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, uncond: Conditioning,
         guidance_scale: float,
     ) -> torch.Tensor:
         """Classifier-free guidance (Ho & Salimans 2022) with one batched forward of [uncond; cond], as the
@@ -53,7 +66,7 @@ class ModelFamily:
         out_uncond, out_cond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), uncond.cat(cond)).chunk(2)
         return out_uncond + guidance_scale * (out_cond - out_uncond)
 
-    def embeds_guidance(self, model: DiffusionModel) -> bool:
+    def embeds_guidance(self, model: FamilyModel) -> bool:
         """True when the guidance scale is a network input (guidance-distilled FLUX) rather than a CFG batch."""
         return False
 
@@ -65,11 +78,11 @@ class ModelFamily:
     def latent_channels(self, denoiser: torch.nn.Module) -> int:
         return int(denoiser.config.in_channels)
 
-    def flow_mu(self, model: DiffusionModel, height: int, width: int) -> float | None:
+    def flow_mu(self, model: FamilyModel, height: int, width: int) -> float | None:
         """μ of a resolution-dependent flow shift for latents of side (height, width), or None (static)."""
         return None
 
-    def index_extras(self, model: DiffusionModel) -> dict:
+    def index_extras(self, model: FamilyModel) -> dict:
         """Keys the diffusers pipeline class expects in model_index.json beyond the components."""
         return {}
 
