@@ -35,6 +35,7 @@ from torch import nn
 
 from prefalign.errors import PrefalignError
 from prefalign.io import atomic_save, atomic_write_text
+from prefalign.rewards import registry
 from prefalign.rewards.aesthetic import AestheticHead
 from prefalign.rewards.base import RewardInfo
 from prefalign.rewards.clip_common import (
@@ -95,10 +96,8 @@ def _load_backbone(
 ) -> tuple[ClipLikeReward, dict, Path | None]:
     """(backbone reward with the base weights, its config for config.json, hf-clip processor dir)."""
     family = backbone_family(backbone)
-    if family == "shapes-clip":
-        from prefalign.shapes.rewards import load_shapes_clip_reward
-
-        reward = load_shapes_clip_reward(checkpoint)
+    if family == "shapes-clip":  # a registered reward of the shapes world, reached by name
+        reward = registry.load("shapes-clip", checkpoint)
         return reward, {"config": asdict(reward.model.config)}, None
     if family == "open_clip":
         from prefalign.rewards.hps import HPS_FILES, HPS_REPO, load_open_clip_weights
@@ -147,13 +146,9 @@ def _empty_backbone(spec: dict, folder: Path) -> tuple[ClipLikeReward, Path | No
     """The backbone of a saved scorer with random weights (load_scorer then loads the whole state)."""
     family, config = backbone_family(spec["backbone"]), spec["backbone_config"]
     if family == "shapes-clip":
-        from prefalign.shapes.clip import ShapesCLIP, ShapesCLIPConfig
-        from prefalign.shapes.rewards import ShapesCLIPReward
-
-        raw = config["config"]
-        model = ShapesCLIP(ShapesCLIPConfig(**{**raw, "channels": tuple(raw["channels"])}))
-        info = _backbone_info("shapes-clip", model.config.image_size)
-        return ShapesCLIPReward(model, info, 100.0, True), None
+        reward = registry.load("shapes-clip", config=config["config"])
+        reward.info = _backbone_info("shapes-clip", reward.model.config.image_size)
+        return reward, None
     if family == "open_clip":
         # config.json carries the open_clip model config under "model_cfg": a layout build_open_clip reads
         model, cfg = build_open_clip(spec["backbone"].split(":", 1)[1], folder / CONFIG_FILE)

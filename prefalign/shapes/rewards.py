@@ -22,7 +22,7 @@ from prefalign.errors import PrefalignError
 from prefalign.rewards.base import ImageLike, RewardInfo, RewardModel
 from prefalign.rewards.clip_common import ClipLikeReward, as_bool, as_float, cosine_to_score
 from prefalign.rewards.images import load_rgb
-from prefalign.shapes.clip import ShapesCLIP, load_shapes_clip
+from prefalign.shapes.clip import ShapesCLIP, ShapesCLIPConfig, load_shapes_clip
 from prefalign.shapes.oracle import SIZE, oracle_breakdown
 
 ORACLE_PARTS = ("score", "fidelity", "aesthetic")
@@ -132,10 +132,17 @@ def load_shapes_clip_reward(
     *,
     scale: float | str = 100.0,
     clip_at_zero: bool | str = True,
+    config: dict | None = None,
 ) -> ShapesCLIPReward:
-    """Registry factory of `shapes-clip` (default checkpoint: the one in prefalign/assets/shapes_clip)."""
+    """Registry factory of `shapes-clip` (default checkpoint: the one in prefalign/assets/shapes_clip).
+
+    `config` (a saved `ShapesCLIPConfig` as a dict) builds that architecture with random weights instead: for
+    a saved scorer on this backbone, which then loads its own weights."""
     scale, clip_at_zero = as_float(scale), as_bool(clip_at_zero)
-    model = load_shapes_clip(checkpoint, device, dtype)
+    if config is not None:
+        model = ShapesCLIP(ShapesCLIPConfig(**{**config, "channels": tuple(config["channels"])})).eval()
+    else:
+        model = load_shapes_clip(checkpoint, device, dtype)
     info = RewardInfo(
         name="shapes-clip",
         version=f"shapes-clip ({Path(checkpoint).name if checkpoint else 'shipped checkpoint'})",
