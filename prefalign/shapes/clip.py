@@ -166,6 +166,18 @@ def make_twin_dataset(n_pairs: int, seed: int, size: int = 32) -> tuple[list[str
     return prompts, images
 
 
+def lr_factor(step: int, steps: int) -> float:
+    """Learning-rate multiplier: linear warm-up over min(50, steps / 10) steps, then cosine decay to 0."""
+    warmup = max(1, min(50, steps // 10))
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
+def twin_batch(n_pairs: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Row indices of `batch_size // 2` random twin pairs of `make_twin_dataset`, both items of each."""
+    twins = torch.randperm(n_pairs, generator=generator)[: batch_size // 2]
+    return torch.stack([2 * twins, 2 * twins + 1], 1).flatten()
+
+
 def train_shapes_clip(
     steps: int = 800,
     seed: int = 0,
@@ -184,17 +196,12 @@ def train_shapes_clip(
     prompts, images = make_twin_dataset(n_pairs, seed)
     model = ShapesCLIP(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, min(50, steps // 10))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps))
     generator = torch.Generator().manual_seed(seed)
     losses = []
     model.train()
     for _ in range(steps):
-        twins = torch.randperm(n_pairs, generator=generator)[: batch_size // 2]
-        idx = torch.stack([2 * twins, 2 * twins + 1], 1).flatten()
+        idx = twin_batch(n_pairs, batch_size, generator)
         batch = images[idx].float() / 255.0
         loss = clip_loss(
             model.encode_image(batch), model.encode_text([prompts[i] for i in idx]), model.logit_scale

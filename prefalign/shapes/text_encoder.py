@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefalign.shapes.clip import clip_loss, load_shapes_clip, make_twin_dataset
+from prefalign.shapes.clip import clip_loss, load_shapes_clip, lr_factor, make_twin_dataset, twin_batch
 
 TEXT_PRETRAIN_DEFAULTS: dict = {
     "steps": 800,
@@ -54,15 +54,13 @@ def pretrain_text_encoder(encoder, tokenizer, steps: int, batch_size: int, lr: f
     logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     params = [*encoder.parameters(), *projection.parameters(), logit_scale]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    warmup = max(1, min(50, steps // 10))
     generator = torch.Generator().manual_seed(seed)
     encoder.train()
     losses: list[float] = []
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        twins = torch.randperm(train_pairs, generator=generator)[: batch_size // 2]
-        idx = torch.stack([2 * twins, 2 * twins + 1], 1).flatten()
+            group["lr"] = lr * lr_factor(step, steps)
+        idx = twin_batch(train_pairs, batch_size, generator)
         loss = clip_loss(image_emb[idx], pooled_text_embedding(encoder, projection, tokens[idx]), logit_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
