@@ -281,6 +281,8 @@ PRETRAIN: Schema = {
     "text_encoder.lr": Field("contrastive pretraining learning rate", gt=0),
     "text_encoder.num_pairs": Field("twin pairs (a scene and a one-attribute variant) to train on", ge=2),
     "text_encoder.seed": Field("seed of the contrastive pretraining", ge=0),
+    "text_encoder.finetune_lr_scale": Field("contrastive mode: fine-tune the pretrained encoder with the UNet at this "
+                                            "fraction of train.lr (0: frozen)", ge=0),
     "train.prompt_dropout": Field("probability of training on the empty prompt (CFG)", ge=0, le=1),
     "train.ema_decay": Field("EMA decay of the teacher weights; null: off", type=float, gt=0, le=1),
     "eval.every": Field("evaluate every N steps and at the end; 0: only at the end", ge=0),

@@ -64,6 +64,23 @@ def test_resume_is_exact(tmp_path):
         torch.testing.assert_close(a[key], b[key], msg=key)
 
 
+@pytest.mark.parametrize("scale", [0.0, 0.1])
+def test_text_encoder_fine_tunes_only_when_asked(tmp_path, monkeypatch, scale):
+    """The pretrained encoder moves with the UNet at `scale`·lr, and not at all at scale 0."""
+    monkeypatch.setattr(pretrain_module, "pretrain_text_encoder", lambda encoder, *a, **k: encoder.requires_grad_(False)
+                        and {})  # keep the initial weights, so any change is the fine-tune's
+    config = resolve_config(PRETRAIN_DEFAULTS, None, [*TINY_OVERRIDES, "train.steps=2",
+                                                      f"text_encoder.finetune_lr_scale={scale}"])
+    pretrain_teacher(config, tmp_path)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    initial = build_teacher(config["arch"], seed=0).text_encoders.state_dict()
+    moved = [k for k, v in initial.items() if not torch.equal(state["model"][f"text_encoders.{k}"], v)]
+    lrs = [group["lr"] for group in state["optimizer"]["param_groups"]]
+    assert (len(moved) > 0, len(lrs)) == ((True, 2) if scale else (False, 1))
+    assert lrs[-1] == pytest.approx((scale or 1.0) * lrs[0])
+    assert not any(p.requires_grad for p in load_teacher(tmp_path / "teacher").text_encoders.parameters())
+
+
 def test_nan_loss_stops_and_names_the_step(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain_module, "denoising_loss", lambda *a, **k: torch.full((4,), float("nan")))
     with pytest.raises(PrefalignError, match="at step 0; last good checkpoint"):

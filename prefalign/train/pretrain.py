@@ -36,7 +36,7 @@ PRETRAIN_DEFAULTS: dict = {
     "device": "cpu",
     "out": None,
     "data": {"num_examples": 50000, "seed": 1},
-    "text_encoder": {"mode": "contrastive", **TEXT_PRETRAIN_DEFAULTS},
+    "text_encoder": {"mode": "contrastive", **TEXT_PRETRAIN_DEFAULTS, "finetune_lr_scale": 0.0},
     "train": {
         "steps": 10000,
         "batch_size": 32,
@@ -102,9 +102,16 @@ def pretrain_teacher(config: dict, run_dir: Path) -> Path:
     if text_config["mode"] not in ("contrastive", "joint"):
         raise PrefalignError(f"text_encoder.mode '{text_config['mode']}' unknown; use contrastive or joint")
     joint = text_config["mode"] == "joint"
-    model.text_encoders.requires_grad_(joint)  # frozen in the saved pipeline either way
+    # Contrastive pretraining learns what a prompt says, not how the UNet must bind attributes to places; a
+    # slow fine-tune lets the denoising loss shape the token states (frozen in the saved pipeline either way).
+    text_scale = 1.0 if joint else text_config["finetune_lr_scale"]
+    model.text_encoders.requires_grad_(text_scale > 0)
+    text_ids = {id(p) for p in model.text_encoders.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
+    groups = [{"params": [p for p in params if id(p) not in text_ids], "lr_scale": 1.0},
+              {"params": [p for p in params if id(p) in text_ids], "lr_scale": text_scale}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=train["lr"],
+                                  weight_decay=train["weight_decay"])
     ema = EMA(params, train["ema_decay"])
     sampler = TimestepSampler(**train["timesteps"])
 
@@ -126,8 +133,9 @@ def pretrain_teacher(config: dict, run_dir: Path) -> Path:
         metrics.rows = []
         if not joint:
             summary = pretrain_text_encoder(model.text_encoders[0], model.tokenizers[0],
-                                            **{k: v for k, v in text_config.items() if k != "mode"})
+                                            **{k: v for k, v in text_config.items() if k in TEXT_PRETRAIN_DEFAULTS})
             atomic_write_text(run_dir / "text_encoder.json", json.dumps(summary, indent=2) + "\n")
+            model.text_encoders.requires_grad_(text_scale > 0)  # the pretraining froze it
     steps = train["steps"]
     last = metrics.rows[-1] if metrics.rows else {}
     t0 = time.time() - last.get("seconds", 0.0)  # wall and CPU time accumulate over resumes
@@ -148,7 +156,7 @@ def pretrain_teacher(config: dict, run_dir: Path) -> Path:
         check_finite(loss, step, checkpoint)
         lr = lr_at(step, train["lr"], train["warmup_steps"], steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, train["grad_clip"])
