@@ -60,9 +60,9 @@ TRACKERS = ("tensorboard", "wandb")  # accelerate's names; each is also the pack
 _TRACKING: dict = {"accelerator": None}  # the accelerator whose trackers MetricsLog rows also go to
 
 
-def make_accelerator(config: Mapping):
+def make_accelerator(config: Mapping, accumulation_steps: int | None = None):
     """An `accelerate.Accelerator` from `config["device"]` and `config["train"]` (`mixed_precision`: no | fp16 |
-    bf16, `grad_accum`). Under `torchrun` it joins the process group (gloo on CPU, NCCL on GPUs).
+    bf16, `grad_accum` unless `accumulation_steps` is given). Under `torchrun` it joins the process group (gloo on CPU, NCCL on GPUs).
 
     `config["log"]["with"]`: an experiment tracker (tensorboard | wandb, or from Python an accelerate
     `GeneralTracker`) that receives every metrics row as well; the CSV and PNG files are written either way."""
@@ -86,7 +86,7 @@ def make_accelerator(config: Mapping):
         raise PrefalignError(f"log.with={tracker} needs the {tracker} package: pip install {tracker}, or drop log.with")
     AcceleratorState._reset_state()  # one state per process; in-process runs (tests, demo stages) differ in precision
     accelerator = Accelerator(cpu=cpu, mixed_precision=precision, log_with=tracker or None,
-                              project_dir=config.get("out"), gradient_accumulation_steps=int(train.get("grad_accum", 1)))
+                              project_dir=config.get("out"), gradient_accumulation_steps=accumulation_steps or int(train.get("grad_accum", 1)))
     if tracker:
         accelerator.init_trackers(log.get("project") or "prefalign", config=_scalar_settings(config))
     _TRACKING["accelerator"] = accelerator if tracker else None

@@ -26,7 +26,6 @@ about two forwards; measured 3.1× on the shapes teacher). Evaluation sampling i
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,21 +38,8 @@ from prefalign.diffusion.conversions import convert
 from prefalign.diffusion.losses import denoising_loss
 from prefalign.diffusion.timesteps import TimestepSampler
 from prefalign.errors import PrefalignError
-from prefalign.progress import track
-from prefalign.train.common import (
-    EMA,
-    FORWARD_EQUIVALENTS_PER_BACKWARD_PASS,
-    Checkpoint,
-    MetricsLog,
-    check_finite,
-    evaluate,
-    load_eval_rewards,
-    load_prompts,
-    lr_at,
-    make_accelerator,
-    plot_metrics,
-)
-from prefalign.train.policy import DEFAULT_LORA_TARGETS, Policy, evaluation_weights, load_base_model
+from prefalign.train.loop import Method, MicroBatch, Run, train_policy
+from prefalign.train.policy import DEFAULT_LORA_TARGETS, Policy
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 DEFAULTS: dict = {
@@ -218,113 +204,39 @@ def dpo_step(
     return losses.mean(), stats
 
 
+def dpo_method(run: Run) -> Method:
+    """Diffusion-DPO for the loop: `train.grad_accum` micro-batches of `train.batch_size` pairs per process."""
+    config, accelerator, policy = run.config, run.accelerator, run.policy
+    tr = config["train"]
+    if config["loss"]["type"] not in LOSS_TYPES:
+        raise PrefalignError(f"loss.type '{config['loss']['type']}' unknown; use one of {', '.join(LOSS_TYPES)}")
+    data = PairData(config["data"]["source"], config["data"]["split"], policy.model.image_size[0],
+                    config["data"]["limit"], run.log)
+    world, accum, batch_size = accelerator.num_processes, int(tr["grad_accum"]), int(tr["batch_size"])
+
+    def micro_batches(step: int, generator: torch.Generator):
+        sft = step < tr["sft_steps"]
+        for _ in range(accum):
+            # The global batch (pairs, dropout, t, ε) comes from the step's generator, so N processes see what one
+            # would; the VAE posterior sample also depends on the process.
+            pairs = data.draw(batch_size * world, policy.model, config, generator)
+            pairs = pairs.shard(accelerator.process_index, world)
+            vae = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)) + accelerator.process_index)
+            loss, stats = dpo_step(policy, pairs, config, vae, sft)
+            yield MicroBatch(loss / accum, stats, fb_rows=batch_size * (1 if sft else 2),
+                             fwd_rows=0 if sft else 2 * batch_size)
+
+    return Method("dpo", "Diffusion-DPO", micro_batches, ["loss", "implicit_acc", "margin", "policy_mse"],
+                  phase=lambda step: "sft" if step < tr["sft_steps"] else "dpo")
+
+
 def train(config: dict, run_dir: Path, log: Callable[[str], None] = print) -> Path:
     """Diffusion-DPO from `config` (see DEFAULTS) in `run_dir`; returns `run_dir/"model"` (a pipeline directory).
 
     Writes metrics.csv/png (training), eval.csv/png (rewards on held-out prompts vs step and compute),
     checkpoint.pt (every `train.checkpoint_every` steps; `resume: true` continues it exactly).
     """
-    train_cfg, ev = config["train"], config["eval"]
-    if config["loss"]["type"] not in LOSS_TYPES:
-        raise PrefalignError(f"loss.type '{config['loss']['type']}' unknown; use one of {', '.join(LOSS_TYPES)}")
-    accelerator = make_accelerator(config)
-    device, main = accelerator.device, accelerator.is_main_process
-    model = load_base_model(config["model"], device)
-    pol = config["policy"]
-    policy = Policy(model, pol["lora_rank"], pol["lora_alpha"], pol["lora_targets"], pol["reference"])
-    params = policy.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=train_cfg["lr"], weight_decay=train_cfg["weight_decay"])
-    optimizer = policy.prepare(accelerator, optimizer)
-    ema = EMA(params, train_cfg["ema_decay"]) if train_cfg["ema_decay"] else None
-    data = PairData(config["data"]["source"], config["data"]["split"], model.image_size[0],
-                    config["data"]["limit"], log)
-    prompts = load_prompts(config["eval"]["prompts"], config["eval"]["num_prompts"])
-    rewards = load_eval_rewards(config, device) if main and prompts and ev["rewards"] else {}
-
-    checkpoint = Checkpoint(run_dir, bool(config.get("resume")))
-    metrics = MetricsLog(run_dir / "metrics.csv", main)
-    evals = MetricsLog(run_dir / "eval.csv", main)
-    state = checkpoint.load()
-    counters = {"fwd_calls": 0, "fb_calls": 0, "seconds": 0.0}
-    if state is not None:
-        policy.load_trainable_state(state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema:
-            ema.load_state_dict(state["ema"])
-        counters = {k: state[k] for k in counters}
-        log(f"[dpo] resuming {run_dir} at step {state['step']}")
-    start, steps = (state["step"] if state else 0), train_cfg["steps"]
-    metrics.truncate(start)
-    evals.truncate(start)
-
-    def record_eval(step: int) -> None:
-        if main and prompts and rewards:
-            with evaluation_weights(policy, accelerator, ema) as eval_model:
-                row = evaluate(eval_model, prompts, rewards, ev)
-            evals.append({"step": step, **_compute(counters), **row})
-            plot_metrics(run_dir / "eval.csv", run_dir / "eval.png", list(rewards), x="compute",
-                         title="Diffusion-DPO: held-out rewards vs training compute (forward-equivalents)")
-        accelerator.wait_for_everyone()
-
-    if start == 0 and ev["every"]:
-        record_eval(0)
-    t0, window = time.time() - counters["seconds"], list(state.get("window", [])) if state else []
-    world, accum, batch_size = accelerator.num_processes, train_cfg["grad_accum"], train_cfg["batch_size"]
-    policy.model.train(True)
-    for step in track(range(start, steps), "Diffusion-DPO", total=steps - start):
-        sft = step < train_cfg["sft_steps"]
-        lr = lr_at(step, train_cfg["lr"], train_cfg["warmup_steps"], steps, train_cfg["lr_schedule"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(accum):
-            # The global batch (pairs, dropout, t, ε) is a function of (seed, step, micro-batch): resume is exact
-            # and N processes see what one would; the VAE posterior sample also depends on the process.
-            g = torch.Generator().manual_seed((config["seed"] * 1_000_003 + step) * 64 + micro)
-            pairs = data.draw(batch_size * world, policy.model, config, g).shard(accelerator.process_index, world)
-            g.manual_seed(g.initial_seed() * 1024 + accelerator.process_index)
-            with accelerator.accumulate(policy.model.denoiser):
-                with accelerator.autocast():
-                    loss, stats = dpo_step(policy, pairs, config, g, sft)
-                check_finite(accelerator.reduce(loss.detach(), "mean"), step, checkpoint)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and train_cfg["grad_clip"]:
-                    accelerator.clip_grad_norm_(params, train_cfg["grad_clip"])
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            counters["fb_calls"] += batch_size * (1 if sft else 2) * world
-            counters["fwd_calls"] += 0 if sft else 2 * batch_size * world
-            window.append(stats)
-        if ema:
-            ema.update(step)
-        done = step + 1
-        counters["seconds"] = time.time() - t0
-        if done % train_cfg["log_every"] == 0 or done == steps:
-            keys = dict.fromkeys(k for s in window for k in s)
-            means = {k: sum(s[k] for s in window if k in s) / sum(k in s for s in window) for k in keys}
-            metrics.append({"step": done, "phase": "sft" if sft else "dpo", **means, "lr": lr, **_compute(counters)})
-            window = []
-        if ev["every"] and (done % ev["every"] == 0 or done == steps):
-            record_eval(done)
-        if done % train_cfg["checkpoint_every"] == 0 or done == steps:
-            checkpoint.save({"step": done, "trainable": policy.trainable_state(), "optimizer": optimizer.state_dict(),
-                             "ema": ema.state_dict() if ema else [], "window": window, **counters}, accelerator)
-    if main and metrics.rows:
-        plot_metrics(run_dir / "metrics.csv", run_dir / "metrics.png",
-                     ["loss", "implicit_acc", "margin", "policy_mse"], title="Diffusion-DPO training")
-
-    out_dir = run_dir / "model"
-    if main:
-        with evaluation_weights(policy, accelerator, ema):
-            policy.save_pretrained(out_dir, getattr(torch, config["save_dtype"]) if config["save_dtype"] else None)
-    accelerator.wait_for_everyone()
-    log(f"[dpo] {steps} steps, compute {_compute(counters)['compute']:.3g} forward-equivalents; model: {out_dir}")
-    return out_dir
-
-
-def _compute(counters: dict) -> dict:
-    fb, fwd = int(counters["fb_calls"]), int(counters["fwd_calls"])
-    return {"fb_calls": fb, "fwd_calls": fwd, "compute": fwd + FORWARD_EQUIVALENTS_PER_BACKWARD_PASS * fb,
-            "seconds": round(float(counters["seconds"]), 2)}
+    return train_policy(config, run_dir, dpo_method, log)
 
 
 DEMO_OVERRIDES: dict = {

@@ -1,0 +1,203 @@
+"""The one training loop of the alignment trainers (torchtune style: one explicit loop, methods by composition).
+
+A method is a `Method`: its name, and `micro_batches(step, generator)`, which yields the micro-batches of one
+optimizer step, each with its share of the loss. Everything else is the loop's: accelerate (DDP/FSDP, mixed
+precision), the LoRA or full policy and its reference, the optimizer and learning-rate schedule, gradient
+clipping, EMA, the NaN guard, checkpoints with exact `--resume`, the metrics and evaluation CSVs and plots,
+compute accounting, and the saved pipeline.
+
+Exact resume: every random draw of a step comes from `generator`, seeded by (seed, step); a method that keeps
+state between steps (an auxiliary network, a sampled round) returns it from `state_dict`, and the loop checkpoints
+it beside the policy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from prefalign.progress import track
+from prefalign.train.common import (
+    EMA,
+    FORWARD_EQUIVALENTS_PER_BACKWARD_PASS,
+    Checkpoint,
+    MetricsLog,
+    check_finite,
+    evaluate,
+    load_eval_rewards,
+    load_prompts,
+    lr_at,
+    make_accelerator,
+    plot_metrics,
+)
+from prefalign.train.policy import Policy, evaluation_weights, load_base_model
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of an optimizer step: its share of the step's loss (the loop backpropagates it as it is,
+    so a method yielding k micro-batches divides by k), statistics to log, and the denoiser rows it cost on this
+    process (`fb_rows` forward+backward, `fwd_rows` forward-only: reference passes, sampling)."""
+
+    loss: torch.Tensor
+    stats: Mapping[str, float] = field(default_factory=dict)
+    fb_rows: int = 0
+    fwd_rows: int = 0
+
+
+@dataclass
+class Method:
+    """What a training method supplies to `train_policy`."""
+
+    name: str  # log prefix and file titles, e.g. "dpo"
+    title: str  # plot titles, e.g. "Diffusion-DPO"
+    micro_batches: Callable[[int, torch.Generator], Iterable[MicroBatch]]  # (step, generator) -> micro-batches
+    plot_columns: Sequence[str] = ("loss",)  # metrics.csv columns drawn in metrics.png
+    phase: Callable[[int], str] | None = None  # a label per step (e.g. "sft" / "dpo") for metrics.csv
+    evaluate: Callable | None = None  # (model, prompts, rewards, eval config) -> row; default: common.evaluate
+    state_dict: Callable[[], dict] = dict  # state kept between steps (auxiliary networks and their optimizers)
+    load_state_dict: Callable[[dict], None] = lambda state: None
+    on_save: Callable[[Path], None] | None = None  # writes extra files next to the saved pipeline
+
+
+@dataclass
+class Run:
+    """What a method's builder gets: the resolved config, the accelerator, the policy and a main-process logger."""
+
+    config: dict
+    run_dir: Path
+    accelerator: object
+    policy: Policy
+    log: Callable[[str], None]
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], train: Mapping, lr: float | None = None):
+    """AdamW from the shared optimizer keys of `train` (lr, adam_betas, adam_eps, weight_decay)."""
+    return torch.optim.AdamW(params, lr=lr if lr is not None else train["lr"],
+                             betas=tuple(train.get("adam_betas", (0.9, 0.999))),
+                             eps=train.get("adam_eps", 1e-8), weight_decay=train.get("weight_decay", 0.0))
+
+
+def train_policy(config: dict, run_dir: Path, build: Callable[[Run], Method], log: Callable[[str], None] = print,
+                 output: str = "model") -> Path:
+    """Train the policy of `config["policy"]` on `config["model"]` with the method `build(run)` returns; returns
+    `run_dir/output`, the saved pipeline (EMA weights when `train.ema_decay` is set).
+
+    Writes metrics.csv/png (training statistics every `train.log_every` steps), eval.csv/png (rewards on
+    held-out prompts at step 0, every `eval.every` steps and at the end, against compute) and checkpoint.pt
+    (every `train.checkpoint_every` steps and at the end; `resume: true` continues it exactly).
+    """
+    tr, ev = config["train"], config["eval"]
+    accelerator = make_accelerator(config, accumulation_steps=1)  # methods split their steps into micro-batches
+    main = accelerator.is_main_process
+    say = log if main else (lambda _: None)
+    checkpoint = Checkpoint(run_dir, bool(config.get("resume")))
+    state = checkpoint.load()  # first: an existing run without --resume fails before any model loads
+    pol = config["policy"]
+    policy = Policy(load_base_model(config["model"], accelerator.device), pol["lora_rank"], pol["lora_alpha"],
+                    pol["lora_targets"], pol["reference"])
+    params = policy.trainable_parameters()
+    optimizer = policy.prepare(accelerator, make_optimizer(params, tr))
+    ema = EMA(params, tr["ema_decay"]) if tr.get("ema_decay") else None
+    method = build(Run(config, run_dir, accelerator, policy, say))
+    prompts = load_prompts(ev["prompts"], ev["num_prompts"]) if ev["every"] else []
+    rewards = load_eval_rewards(config, accelerator.device) if main and prompts and ev["rewards"] else {}
+
+    metrics = MetricsLog(run_dir / "metrics.csv", main)
+    evals = MetricsLog(run_dir / "eval.csv", main)
+    counters = {"fwd_calls": 0, "fb_calls": 0, "seconds": 0.0}
+    window: list[Mapping[str, float]] = []
+    if state is not None:
+        policy.load_trainable_state(state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema:
+            ema.load_state_dict(state["ema"])
+        method.load_state_dict(state["method"])
+        counters, window = {k: state[k] for k in counters}, list(state["window"])
+        say(f"[{method.name}] resuming {run_dir} at step {state['step']}")
+    start, steps = (int(state["step"]) if state else 0), int(tr["steps"])
+    metrics.truncate(start)
+    evals.truncate(start)
+
+    def record_eval(step: int) -> None:
+        if rewards:
+            with evaluation_weights(policy, accelerator, ema) as model:
+                row = (method.evaluate or evaluate)(model, prompts, rewards, ev)
+            evals.append({"step": step, **compute_row(counters), **row})
+            plot_metrics(run_dir / "eval.csv", run_dir / "eval.png", list(rewards), x="compute",
+                         title=f"{method.title}: held-out rewards vs training compute (forward-equivalents)")
+            say(f"[{method.name}] step {step}: " + ", ".join(f"{k} {row[k]:.4g}" for k in rewards))
+        accelerator.wait_for_everyone()
+
+    if start == 0 and ev["every"]:
+        record_eval(0)
+    clock = time.time() - counters["seconds"]
+    policy.model.train(True)
+    for step in track(range(start, steps), method.title, total=steps - start):
+        lr = lr_at(step, tr["lr"], tr["warmup_steps"], steps, tr["lr_schedule"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        generator = torch.Generator().manual_seed(int(config["seed"]) * 1_000_003 + step)
+        batches = iter(method.micro_batches(step, generator))
+        while True:
+            with accelerator.autocast():  # forward passes run inside the method's iterator
+                micro = next(batches, None)
+            if micro is None:
+                break
+            check_finite(accelerator.reduce(micro.loss.detach().float(), "mean"), step, checkpoint)
+            accelerator.backward(micro.loss)
+            counters["fb_calls"] += micro.fb_rows * accelerator.num_processes
+            counters["fwd_calls"] += micro.fwd_rows * accelerator.num_processes
+            window.append(dict(micro.stats))
+        if tr["grad_clip"]:
+            accelerator.clip_grad_norm_(params, tr["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema:
+            ema.update(step)
+        done = step + 1
+        counters["seconds"] = time.time() - clock
+        if done % tr["log_every"] == 0 or done == steps:
+            phase = {"phase": method.phase(step)} if method.phase else {}
+            metrics.append({"step": done, **phase, **window_means(window), "lr": lr, **compute_row(counters)})
+            window = []
+        if ev["every"] and (done % ev["every"] == 0 or done == steps):
+            record_eval(done)
+        if done % tr["checkpoint_every"] == 0 or done == steps:
+            checkpoint.save({"step": done, "trainable": policy.trainable_state(), "optimizer": optimizer.state_dict(),
+                             "ema": ema.state_dict() if ema else [], "method": method.state_dict(),
+                             "window": window, **counters}, accelerator)
+    if main and metrics.rows:
+        plot_metrics(run_dir / "metrics.csv", run_dir / "metrics.png", method.plot_columns,
+                     title=f"{method.title} training")
+    out_dir = run_dir / output
+    if main:
+        with evaluation_weights(policy, accelerator, ema):
+            policy.save_pretrained(out_dir, getattr(torch, config["save_dtype"]) if config.get("save_dtype") else None)
+        if method.on_save:
+            method.on_save(out_dir)
+    accelerator.wait_for_everyone()
+    say(f"[{method.name}] {steps} steps, compute {compute_row(counters)['compute']:.3g} forward-equivalents; "
+        f"model: {out_dir}")
+    return out_dir
+
+
+def window_means(window: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Per-key means over the micro-batch statistics logged since the last row (keys absent from some skipped)."""
+    keys = dict.fromkeys(k for stats in window for k in stats)
+    return {k: sum(s[k] for s in window if k in s) / sum(k in s for s in window) for k in keys}
+
+
+def compute_row(counters: Mapping) -> dict:
+    """Training compute so far: denoiser rows and forward-equivalents (a backward ≈ two forwards)."""
+    fb, fwd = int(counters["fb_calls"]), int(counters["fwd_calls"])
+    return {"fb_calls": fb, "fwd_calls": fwd, "compute": fwd + FORWARD_EQUIVALENTS_PER_BACKWARD_PASS * fb,
+            "seconds": round(float(counters["seconds"]), 2)}
