@@ -3,12 +3,13 @@ per (seed, prompt index)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
 
-from prefalign.diffusion.flow_sampling import flow_sample
-from prefalign.diffusion.sampling import Denoiser, ddim_sample
+from prefalign.diffusion.flow_sampling import flow_sample, flow_step
+from prefalign.diffusion.sampling import Denoiser, StepOutput, ddim_sample, ddim_step, ddim_timesteps
 from prefalign.diffusion.schedules import Schedule
 
 # Every image source (models, references, trained generators) has this signature: (prompts, seeds) → images
@@ -38,6 +39,42 @@ def sample_latents(
     if schedule.kind == "flow":
         return flow_sample(denoise, x_T, schedule, num_steps, noise_level=eta, generator=generator, **sampler_kwargs)
     return ddim_sample(denoise, x_T, schedule, num_steps, eta=eta, generator=generator, **sampler_kwargs)
+
+
+def timestep_pairs(schedule: Schedule, num_steps: int, **sampler_kwargs) -> list[tuple[float, float]]:
+    """The (t, prev_t) of each step of `sample_latents` on this grid: DDIM's integer timesteps (prev_t < 0 is the
+    final step) or the flow sigma grid times T (prev_t = 0 is the final step)."""
+    if schedule.kind == "flow":
+        times = schedule.sampling_sigmas(num_steps, sampler_kwargs.get("spacing", "linspace"), sampler_kwargs.get("mu"))
+        times = (times.to(torch.float32) * schedule.num_timesteps).tolist()
+        return list(itertools.pairwise(times))
+    steps = ddim_timesteps(num_steps, schedule.num_timesteps, sampler_kwargs.get("spacing", "leading"),
+                           sampler_kwargs.get("steps_offset", 0))
+    stride = schedule.num_timesteps // num_steps
+    return [(t, t - stride) for t in steps]
+
+
+def transition(
+    schedule: Schedule,
+    model_output: torch.Tensor,
+    t: torch.Tensor | float,
+    prev_t: torch.Tensor | float,
+    x_t: torch.Tensor,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    **sampler_kwargs,
+) -> StepOutput:
+    """One step of `sample_latents`' sampler: DDIM(η) for VP, the flow SDE with noise level η for flow. With
+    `prev_sample` it scores a stored transition (its Gaussian log-probability under this output) instead of
+    drawing one: what on-policy trainers (GRPO, SPO) need for both families."""
+    if schedule.kind == "flow":
+        return flow_step(model_output, t, prev_t, x_t, schedule, sampler_kwargs.get("prediction_type", "flow_prediction"),
+                         eta, prev_sample=prev_sample, generator=generator)
+    return ddim_step(model_output, t, prev_t, x_t, schedule, sampler_kwargs.get("prediction_type", "epsilon"), eta,
+                     prev_sample=prev_sample, generator=generator,
+                     final_alpha_cumprod=sampler_kwargs.get("final_alpha_cumprod", 1.0),
+                     clip_sample=sampler_kwargs.get("clip_sample"))
 
 
 @torch.no_grad()
