@@ -12,10 +12,12 @@ Reproduces the official `hpsv3` 1.0.0 (`HPSv3RewardInferencer.reward`, `Qwen2VLR
 - output: the fp32 head on the last hidden state at `<|Reward|>` -> [μ, log σ]; the reward is μ (unbounded,
   Bradley–Terry scale; no official normalisation).
 `differentiable` uses the official `fetch_image` branch for tensors (torchvision bicubic, antialias) without
-the uint8 rounding of `score`; the two agree exactly at a 448² input (or any size smart_resize keeps). The
-official `differentiable=True` processor resizes bilinearly instead; it is not reproduced.
-Parity (|Δ| ≤ 1e-6 measured, 1e-4 asserted, fp32) is proven by tests/test_rewards_hpsv3.py against numbers from
-the official code (benchmarks/hpsv3_parity_fixtures.py) on a tiny random Qwen2-VL.
+the uint8 rounding of `score`; the two agree to 1e-6 at a 448² input (or any size smart_resize keeps) and to
+2.1e-4 on the resized fixtures. The official `differentiable=True` processor resizes bilinearly instead; it is
+not reproduced.
+Parity with the official code (|Δ| ≤ 3e-7 measured, 1e-4 asserted, fp32; tokens and patches exact) is proven by
+tests/test_rewards_hpsv3.py against numbers that benchmarks/hpsv3_parity_fixtures.py recorded from it on a tiny
+random Qwen2-VL reward model.
 """
 
 from __future__ import annotations
