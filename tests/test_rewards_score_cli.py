@@ -131,9 +131,9 @@ def test_count_mismatch_missing_checkpoint_and_unknown_reward(image_dir, tmp_pat
     line = _one_line_error(runner.invoke(app, [*args, "--images", str(image_dir), "--prompt", "x"]))
     assert "gone.pt: no such file" in line
     line = _one_line_error(
-        runner.invoke(app, ["score", "-r", "hpsv3", "--images", str(image_dir), "--prompt", "x"])
+        runner.invoke(app, ["score", "-r", "hpsv9", "--images", str(image_dir), "--prompt", "x"])
     )
-    assert "unknown reward 'hpsv3'; known rewards:" in line
+    assert "unknown reward 'hpsv9'; known rewards:" in line
     line = _one_line_error(runner.invoke(app, ["score", "reward=hpsv2.1", "--images", str(image_dir)]))
     assert "config key 'reward' is not a setting of score; did you mean 'rewards'?" in line
     assert out.read_text() == "previous\n"  # nothing written on error

@@ -139,7 +139,7 @@ _LAYOUTS = (
         ("vision_model.", "text_model."),
         "a transformers CLIP model (PickScore / CLIPScore: a model directory)",
     ),
-    (("model.visual.", "model.language_model.", "rm_head."), "an HPSv3 (Qwen2-VL) checkpoint"),
+    (("rm_head.", "visual.merger.", "model.embed_tokens."), "an HPSv3 (Qwen2-VL) checkpoint: --checkpoint hpsv3"),
     (("layers.0.weight",), "a LAION aesthetic head (--checkpoint aesthetic)"),
 )
 
@@ -165,11 +165,15 @@ def load_strict(
     state: Mapping[str, torch.Tensor],
     what: str,
     ignore: Callable[[str], bool] = lambda key: False,
+    assign: bool = False,
 ) -> None:
     """`load_state_dict(strict=True)` minus keys the allow-list predicate `ignore` names; one-line error that
-    names the layout found when it is another reward's checkpoint."""
+    names the layout found when it is another reward's checkpoint. `assign=True` takes the tensors over (a
+    module built without initialising its parameters)."""
     try:
-        result = module.load_state_dict({k: v for k, v in state.items() if not ignore(k)}, strict=False)
+        result = module.load_state_dict(
+            {k: v for k, v in state.items() if not ignore(k)}, strict=False, assign=assign
+        )
     except RuntimeError as err:  # shape mismatches raise even when strict=False
         detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
         raise PrefalignError(f"{what} does not match the architecture: {detail}") from None

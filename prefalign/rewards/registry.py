@@ -31,6 +31,7 @@ _FACTORIES: dict[str, Factory | str] = {
     "imagereward": "prefalign.rewards.imagereward:load_imagereward",
     "hpsv2": "prefalign.rewards.hps:load_hpsv2",
     "hpsv2.1": "prefalign.rewards.hps:load_hpsv21",
+    "hpsv3": "prefalign.rewards.hpsv3:load_hpsv3",
     "pickscore": "prefalign.rewards.pickscore:load_pickscore",
     "clipscore": "prefalign.rewards.clipscore:load_clipscore",
     "step-aware": "prefalign.rewards.step_aware:load_step_aware",
