@@ -38,9 +38,9 @@ def one_step_x0(model: DiffusionModel, z: torch.Tensor, cond: Conditioning, t_in
 
 def initial_timestep(model: DiffusionModel, t_init: float | None = None) -> float:
     """t_init on the schedule's axis, checked to lie in (0, top], top the last training-table entry (VP: T − 1;
-    flow: σ = 1, t = T). None: the top, so the generator starts from pure noise (x̂_0 stays bounded for v-, x_0-
-    and velocity prediction), except 625 for ε-prediction, whose x̂_0 = (x − σε̂)/α explodes near T (SiD-LSG's
-    SD1.5 setting)."""
+    flow: σ = 1, t = T). None: the top, so the generator starts from (nearly) pure noise (x̂_0 stays bounded for
+    v-, x_0- and velocity prediction), except 625 for ε-prediction, whose x̂_0 = (x − σε̂)/α explodes near T
+    (SiD-LSG's SD1.5 setting)."""
     top = model.schedule.timesteps_from_fraction(torch.ones(1, dtype=torch.float64)).item()
     if t_init is None:
         return 625 if model.prediction_type == "epsilon" else top
