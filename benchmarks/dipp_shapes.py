@@ -45,8 +45,8 @@ def train_generators(args, out: Path) -> dict[float, dict]:
         times_path = run_dir / "train_times.json"
         if not times_path.is_file():
             settings = {"out": str(run_dir), "device": "cpu", "resume": True, "seed": args.seed,
-                        "reward": {"alpha": alpha}, "train": {"steps": args.steps, "batch_size": args.batch_size},
-                        "eval": {"every": 0}, "checkpoint_every": 50}
+                        "reward": {"alpha": alpha}, "eval": {"every": 0},
+                        "train": {"steps": args.steps, "batch_size": args.batch_size, "checkpoint_every": 50}}
             config, run_dir = start_run(deep_merge(dipp.DEFAULTS, settings), None, args.overrides)
             cpu, wall = time.process_time(), time.perf_counter()
             dipp.train(config, run_dir)

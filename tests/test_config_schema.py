@@ -28,7 +28,7 @@ COMMANDS = {
     "align_spo": (["align", "--method", "spo"], (spo.DEFAULTS, schemas.SPO), "train.round", "train.rounds",
                   "train.rounds"),
     "align_dipp": (["align", "--method", "dipp"], (dipp.DEFAULTS, schemas.DIPP), "train.step", "train.steps",
-                   "checkpoint_every"),
+                   "train.checkpoint_every"),
     "train_reward": (["train-reward"], (reward.DEFAULTS, schemas.TRAIN_REWARD), "train.stepz", "train.steps",
                      "train.checkpoint_every"),
     "bench": (["bench", "shapes-val"], (BENCH_DEFAULTS, schemas.BENCH), "batch_sise", "batch_size", "batch_size"),

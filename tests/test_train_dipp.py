@@ -26,8 +26,8 @@ from prefalign.train.policy import Policy
 runner = CliRunner()
 PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
 # Small enough for a few seconds per run: 8×8 models, batch 2, shapes-clip as the learned reward.
-TINY = {"device": "cpu", "prompts": "shapes-train", "checkpoint_every": 2,
-        "train": {"steps": 2, "batch_size": 2}, "eval": {"every": 0}}
+TINY = {"device": "cpu", "prompts": "shapes-train",
+        "train": {"steps": 2, "batch_size": 2, "log_every": 2, "checkpoint_every": 2}, "eval": {"every": 0}}
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -186,29 +186,31 @@ def test_ta_dsm_loss_decreases_on_generator_samples():
 
 
 def test_resume_continues_bit_identically_and_logs_metrics(pipelines, tmp_path):
-    sections = {"generator": {"ema_decay": 0.9}, "eval": {"every": 2, "num_prompts": 2, "samples_per_prompt": 2}}
+    ema, evals = {"ema_decay": 0.9}, {"every": 2, "num_prompts": 2, "samples_per_prompt": 2}
     # Evaluation draws from its own generators and restores the weights, so the reference run can skip it.
-    straight, _ = _run(_config(pipelines["pixel"], tmp_path / "straight", train={"steps": 4},
-                               generator={"ema_decay": 0.9}))
-    _run(_config(pipelines["pixel"], tmp_path / "resumed", train={"steps": 2}, **sections))
+    straight, _ = _run(_config(pipelines["pixel"], tmp_path / "straight", train={"steps": 4, **ema}))
+    _run(_config(pipelines["pixel"], tmp_path / "resumed", train={"steps": 2, **ema}, eval=evals))
     with pytest.raises(PrefalignError, match="--resume"):
-        _run(_config(pipelines["pixel"], tmp_path / "resumed", train={"steps": 4}, **sections))
-    resumed, run_dir = _run({**_config(pipelines["pixel"], tmp_path / "resumed", train={"steps": 4}, **sections),
-                             "resume": True})
+        _run(_config(pipelines["pixel"], tmp_path / "resumed", train={"steps": 4, **ema}, eval=evals))
+    resumed, run_dir = _run({**_config(pipelines["pixel"], tmp_path / "resumed", train={"steps": 4, **ema},
+                                       eval=evals), "resume": True})
     a, b = load_generator(straight)[0], load_generator(resumed)[0]
     for (name, p), q in zip(a.denoiser.state_dict().items(), b.denoiser.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
     rows = (run_dir / "metrics.csv").read_text().splitlines()
-    header = rows[0].split(",")
     assert [r.split(",")[0] for r in rows[1:]] == ["2", "4"]
-    for column in ("shapes-oracle", "shapes-oracle_lo", "shapes-clip", "diversity", "ta_loss", "train_reward"):
-        assert column in header
-    assert (run_dir / "metrics.png").stat().st_size > 0
+    for column in ("loss", "ta_loss", "ikl_grad", "train_reward", "compute"):
+        assert column in rows[0].split(",")
+    evals_rows = (run_dir / "eval.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in evals_rows[1:]] == ["0", "2", "4"]
+    for column in ("shapes-oracle", "shapes-oracle_lo", "shapes-clip", "diversity"):
+        assert column in evals_rows[0].split(",")
+    assert (run_dir / "metrics.png").stat().st_size > 0 and (run_dir / "eval.png").stat().st_size > 0
 
 
 def test_killed_run_resumes_to_the_same_metrics(pipelines, tmp_path, kill_on_calls):
     """Killed in step 2, after the step-1 checkpoint, before the step-2 metrics row averages steps 1 and 2."""
-    sections = {"checkpoint_every": 1, "eval": {"every": 2, "num_prompts": 2, "samples_per_prompt": 1}}
+    sections = {"train": {"checkpoint_every": 1}, "eval": {"every": 2, "num_prompts": 2, "samples_per_prompt": 1}}
     _run(_config(pipelines["pixel"], tmp_path / "straight", **sections))
     kill_on_calls(dipp, "one_step_x0", {2})
     with pytest.raises(KeyboardInterrupt):
@@ -227,7 +229,7 @@ def test_nan_guard_names_the_step(pipelines, tmp_path):
 
 @pytest.mark.parametrize(("family", "lora"), [("sd", 4), ("pixart", None)])
 def test_latent_unet_and_pixart_structures_train_and_generate(pipelines, tmp_path, family, lora):
-    out, _ = _run(_config(pipelines[family], tmp_path / family, generator={"lora_rank": lora, "t_init": 500},
+    out, _ = _run(_config(pipelines[family], tmp_path / family, generator={"t_init": 500}, policy={"lora_rank": lora},
                           ta={"lora_rank": lora}))
     model, meta = load_generator(out)
     assert meta["t_init"] == 500 and meta["method"] == "dipp" and model.family == family

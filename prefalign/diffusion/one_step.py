@@ -2,7 +2,8 @@
 
 The generator is the reference network evaluated once at a fixed initial timestep t_init (SiD-LSG's
 `sid_sd_sampler`, Diff-Instruct's `G(init_sigma·z, init_sigma)`): x_init = σ_{t_init}·z, the forward process
-applied to x_0 = 0, and g_θ(z, c) = x̂_0(f_θ(x_init, t_init, c)) in the network's own parameterisation. Saved as
+applied to x_0 = 0, and g_θ(z, c) = x̂_0(f_θ(x_init, t_init, c)) in the network's own parameterisation (for
+rectified flow at σ = 1: x̂_0 = z − v̂, one Euler step from pure noise). Saved as
 a pipeline directory plus `one_step.json`; `prefalign generate --generator RUN_DIR` and the bench kind
 `one-step:DIR` (prefalign/bench/generators.py) sample it with one denoiser evaluation per image.
 """
@@ -33,6 +34,19 @@ def one_step_x0(model: DiffusionModel, z: torch.Tensor, cond: Conditioning, t_in
     t = torch.full((z.shape[0],), t_init, device=z.device, dtype=dtype)
     _, sigma = model.schedule.alpha_sigma(t, like=z)
     return model.predict_x0(sigma * z, t, cond)[0].float()
+
+
+def initial_timestep(model: DiffusionModel, t_init: float | None = None) -> float:
+    """t_init on the schedule's axis, checked to lie in (0, top], top the last training-table entry (VP: T − 1;
+    flow: σ = 1, t = T). None: the top, so the generator starts from (nearly) pure noise (x̂_0 stays bounded for
+    v-, x_0- and velocity prediction), except 625 for ε-prediction, whose x̂_0 = (x − σε̂)/α explodes near T
+    (SiD-LSG's SD1.5 setting)."""
+    top = model.schedule.timesteps_from_fraction(torch.ones(1, dtype=torch.float64)).item()
+    if t_init is None:
+        return 625 if model.prediction_type == "epsilon" else top
+    if not 0 < t_init <= top:
+        raise PrefalignError(f"generator.t_init={t_init:g} is off the model's axis; use 0 < t_init <= {top:g}")
+    return t_init
 
 
 def one_step_source(model: DiffusionModel, t_init: float, batch_size: int = 64) -> ImageSource:

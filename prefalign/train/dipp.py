@@ -7,17 +7,20 @@ docs/dipp.md. No official DI++ code exists; conventions follow the official Diff
 One iteration, prompts c, z ~ N(0, I):
 1. x_0 = g_θ(z, c) (prefalign/diffusion/one_step.py).
 2. K_TA rounds of denoising score matching of the TA s_ψ on sg[x_0] (weighting λ(t)).
-3. t ~ π(t) = U{t_min..t_max}, x_t = α_t x_0 + σ_t ε, and the generator loss
+3. t ~ π(t) = U{t_min..t_max} (entries of the schedule's training table), x_t = α_t x_0 + σ_t ε, and
    L_G = −α_rew·r(x_0, c) + w(t)·sg[s_ψ(x_t, t, c) − s̃_ref(x_t, t, c)]ᵀ x_t,
    s̃_ref = s_ref(·|∅) + α_cfg·(s_ref(·|c) − s_ref(·|∅)) the classifier-free guided reference score.
+
+Both families: every score is −ε̂/σ of the network output through `prefalign.diffusion.conversions` (for rectified
+flow, x_σ = (1 − σ)x_0 + σε with velocity v: −(x_σ + (1 − σ)v)/σ), timesteps live on the schedule's own axis
+(VP integers, flow t = σ·T), and the one-step generator starts at the top of the table (flow: σ = 1, pure noise).
+The generator update is the training loop's optimizer step (`prefalign.train.loop`); the TA and its Adam state
+are the method's own state, checkpointed beside the generator.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -28,26 +31,18 @@ from prefalign.diffusion.losses import denoising_loss
 from prefalign.diffusion.models import Conditioning, DiffusionModel
 from prefalign.diffusion.one_step import (
     GENERATOR_DIR,
+    initial_timestep,
     load_generator,
     one_step_source,
     one_step_x0,
     write_meta,
 )
+from prefalign.diffusion.schedules import Schedule
 from prefalign.errors import PrefalignError
-from prefalign.progress import track
 from prefalign.rewards.registry import load as load_reward
-from prefalign.train.common import (
-    EMA,
-    Checkpoint,
-    MetricsLog,
-    check_finite,
-    load_prompts,
-    lr_at,
-    make_accelerator,
-    plot_metrics,
-    reward_table,
-)
-from prefalign.train.policy import DEFAULT_LORA_TARGETS, Policy, load_base_model
+from prefalign.train.common import load_prompts, lr_at, reward_table
+from prefalign.train.loop import Method, MicroBatch, Run, make_optimizer, train_policy
+from prefalign.train.policy import DEFAULT_LORA_TARGETS, Policy
 
 IKL_WEIGHTINGS = ("x0", "dmd")
 DEFAULTS: dict = {
@@ -62,24 +57,25 @@ DEFAULTS: dict = {
     # weighted sum, e.g. "shapes-clip", "trained" with checkpoints {trained: DIR}, "0.5*hpsv2.1+aesthetic".
     "reward": {"spec": "shapes-clip", "alpha": 1.0, "checkpoints": {}},
     "guidance": 3.0,  # α_cfg of the reference score s̃_ref
-    # t_init None: T − 1 for v/x0-prediction (x̂_0 stays bounded), 625 for ε-prediction, whose x̂_0 = (x − σε̂)/α
-    # explodes near T (SiD-LSG's SD1.5 setting). ema_decay: evaluate and save an EMA of the generator weights
-    # (Diff-Instruct keeps one); None: off.
-    "generator": {"t_init": None, "lr": 2e-4, "ema_decay": None, "lora_rank": None, "lora_alpha": None,
-                  "lora_targets": list(DEFAULT_LORA_TARGETS)},
+    # t_init None: the top of the schedule's table (VP T − 1, flow σ = 1) for v/x0/velocity prediction (x̂_0 stays
+    # bounded), 625 for ε-prediction (see prefalign.diffusion.one_step.initial_timestep).
+    "generator": {"t_init": None},
+    # The generator g_θ; reference None: adapter with LoRA (s_ref is the base with adapters off), else copy.
+    "policy": {"lora_rank": None, "lora_alpha": None, "lora_targets": list(DEFAULT_LORA_TARGETS), "reference": None},
     # The teaching assistant s_ψ: initialised from the reference, K_TA = updates DSM steps per generator step.
     # A TA learning rate above the generator's (two time-scale updates, as DMD2's 5 TA steps per generator step)
     # keeps s_ψ tracking the generator; with equal rates the shapes generator collapsed onto one colour.
     "ta": {"updates": 1, "lr": 1e-3, "weighting": "uniform", "lora_rank": None, "lora_alpha": None},
     "train": {
-        "steps": 300, "batch_size": 8, "lr_schedule": "constant", "warmup_steps": 0, "adam_betas": [0.0, 0.999],
-        "grad_clip": 1.0, "t_min": 20, "t_max": 980,  # π(t) = U{t_min..t_max}
+        "steps": 300, "batch_size": 8, "lr": 2e-4, "lr_schedule": "constant", "warmup_steps": 0,
+        "adam_betas": [0.0, 0.999],  # Diff-Instruct's β1 = 0, for both networks
+        "grad_clip": 1.0, "t_min": 20, "t_max": 980,  # π(t) = U{t_min..t_max} over the training table
         "ikl_weighting": "dmd",  # w(t): x0 (Diff-Instruct code) or dmd (x0 normalised per sample, as DMD)
-        "mixed_precision": "no", "grad_accum": 1,
+        "mixed_precision": "no", "ema_decay": None,  # ema_decay: Diff-Instruct keeps an EMA of the generator
+        "log_every": 10, "checkpoint_every": 100,
     },
     "eval": {"every": 100, "prompts": "shapes-val", "num_prompts": 32, "samples_per_prompt": 2, "seed": 1234,
-             "rewards": ["shapes-oracle"]},  # the training reward is always evaluated too
-    "checkpoint_every": 100,
+             "rewards": ["shapes-oracle", "shapes-clip"], "reward_checkpoints": {}},
     "save_dtype": None,  # e.g. float16 for the saved generator
 }
 
@@ -88,14 +84,16 @@ def model_score(
     output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(score, x̂_0) of a network output: ∇ log p_t(x_t) ≈ −ε̂/σ_t = (α_t x̂_0 − x_t)/σ_t² (Tweedie's formula;
-    docs/dipp.md Eq. 2), for ε-, v- or x_0-prediction."""
+    docs/dipp.md Eq. 2) for any x_t = α_t x_0 + σ_t ε: ε-, v- or x_0-prediction on VP, and the rectified-flow
+    velocity v, where it is −(x_σ + (1 − σ)v)/σ."""
     x0_hat, eps_hat = predicted_x0_eps(output.to(x_t.dtype), x_t, alpha, sigma, prediction_type)
     return score_from_eps(eps_hat, sigma), x0_hat
 
 
 def ikl_weight(kind: str, alpha: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor, x0_ref: torch.Tensor
                ) -> torch.Tensor:
-    """w(t), shaped [B, 1, …]. `x0`: σ²/α², so that ∂L/∂x_0 = x̂_0^TA − x̂_0^ref (Diff-Instruct's EDM weight σ²).
+    """w(t), shaped [B, 1, …]. `x0`: σ²/α², so that ∂L/∂x_0 = x̂_0^TA − x̂_0^ref (Diff-Instruct's EDM weight σ²)
+    whatever α, σ (VP or rectified flow, α = 1 − σ), since s_ψ − s̃_ref = α(x̂_0^TA − x̂_0^ref)/σ².
     `dmd`: that divided by mean|x_0 − x̂_0^ref| per sample (DMD's weight, Yin et al. 2024; SiD-LSG's
     weight_factor), which equalises the gradient scale across t."""
     weight = sigma**2 / alpha**2
@@ -130,6 +128,56 @@ def reference_score(policy: Policy, x_t: torch.Tensor, t: torch.Tensor, cond: Co
     return model_score(output, x_t, alpha, sigma, policy.model.prediction_type)
 
 
+def ikl_term(policy: Policy, ta: DiffusionModel, x0: torch.Tensor, cond: Conditioning, uncond: Conditioning,
+             t: torch.Tensor, noise: torch.Tensor, guidance: float, weighting: str) -> tuple[torch.Tensor, float]:
+    """The IKL surrogate per sample at x_t = α_t x_0 + σ_t ε (differentiable in x_0 only) and the mean size of its
+    x_0-gradient |w·α·(s_ψ − s̃_ref)|, from the TA `ta` and the policy's reference at CFG scale `guidance`."""
+    schedule = policy.model.schedule
+    x_t = schedule.add_noise(x0, noise, t)
+    alpha, sigma = schedule.alpha_sigma(t, like=x_t)
+    with torch.no_grad():
+        score_ta = model_score(ta(x_t.detach(), t, cond), x_t.detach(), alpha, sigma, ta.prediction_type)[0]
+        score_ref, x0_ref = reference_score(policy, x_t.detach(), t, cond, uncond, guidance)
+        weight = ikl_weight(weighting, alpha, sigma, x0.detach(), x0_ref)
+    size = float((weight * alpha * (score_ta - score_ref)).abs().mean())
+    return ikl_surrogate(x_t, score_ta, score_ref, weight), size
+
+
+class TeachingAssistant:
+    """s_ψ: a Policy of its own with its own Adam, starting as the reference (Diff-Instruct initialises
+    Sg = teacher): the generator's denoiser with any LoRA merged, beside the same text encoders and VAE. Its weights
+    and optimizer state are DI++'s method state, so a resumed run continues exactly."""
+
+    def __init__(self, run: Run, lora_rank: int | None, lora_alpha: float | None, lr: float) -> None:
+        config, policy = run.config, run.policy
+        self.policy = Policy(policy.model.with_denoiser(policy.merged_denoiser()), lora_rank, lora_alpha,
+                             config["policy"]["lora_targets"], reference="none")
+        self.optimizer = self.policy.prepare(
+            run.accelerator, make_optimizer(self.policy.trainable_parameters(), config["train"], lr=lr))
+        self.accelerator, self.model = run.accelerator, self.policy.model.train(True)
+
+    def update(self, x0: torch.Tensor, cond: Conditioning, t: torch.Tensor, noise: torch.Tensor, weighting: str,
+               lr: float, grad_clip: float | None) -> float:
+        """One DSM step on sg[x_0]; returns its loss. A non-finite TA makes the step's generator loss non-finite,
+        so the loop's NaN guard stops the run there."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = ta_dsm_loss(self.model, x0, cond, t, noise, weighting)
+        self.accelerator.backward(loss)
+        if grad_clip:
+            self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(), grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def state_dict(self) -> dict:
+        return {"ta": self.policy.trainable_state(), "ta_optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.load_trainable_state(state["ta"])
+        self.optimizer.load_state_dict(state["ta_optimizer"])
+
+
 def ta_dsm_loss(ta: DiffusionModel, x0: torch.Tensor, cond: Conditioning, t: torch.Tensor, noise: torch.Tensor,
                 weighting: str) -> torch.Tensor:
     """Denoising score matching (Vincent 2011) of the TA on stop-gradient generator samples, weighted by λ(t)
@@ -151,187 +199,97 @@ def sample_diversity(images: torch.Tensor, groups: Sequence[int]) -> float:
     return sum(per_prompt) / len(per_prompt) if per_prompt else float("nan")
 
 
-@contextlib.contextmanager
-def _evaluation_view(policy: Policy, accelerator, ema: EMA | None) -> Iterator[DiffusionModel]:
-    """The policy's model with its bare denoiser (no DDP wrapper) in eval mode, holding the EMA weights when there
-    is an EMA; everything is restored on exit."""
-    wrapped, params = policy.model.denoiser, policy.trainable_parameters()
-    backup = [p.detach().clone() for p in params] if ema is not None else []
-    policy.model.denoiser = accelerator.unwrap_model(wrapped)
-    try:
-        if ema is not None:
-            ema.copy_to(params)
-        yield policy.model.eval()
-    finally:
-        with torch.no_grad():
-            for p, b in zip(params if ema is not None else [], backup, strict=True):
-                p.copy_(b)
-        policy.model.denoiser = wrapped
-        policy.model.train()
+def table_timesteps(schedule: Schedule, index: torch.Tensor) -> torch.Tensor:
+    """Timesteps of training-table entries `index` ∈ {0..T−1}: the VP timestep itself, or t = σ_index·T for
+    rectified flow (the shifted σ the flow model trained on), so π(t) and the TA's draws serve both families."""
+    return schedule.timesteps_from_fraction((index.to(torch.float64) + 0.5) / schedule.num_timesteps)
 
 
-def evaluate(model: DiffusionModel, t_init: int, prompts: Sequence[str], samples: int, seed: int,
-             rewards: dict) -> dict[str, float]:
-    """One-step samples of each eval prompt: every reward's mean and 95 % bootstrap CI over prompts, diversity."""
+def evaluate_one_step(model: DiffusionModel, t_init: float, prompts: Sequence[str], rewards: dict, ev: dict
+                      ) -> dict[str, float]:
+    """One-step samples of each eval prompt (seeds eval.seed + i: z is the x_T a sampler draws for that seed):
+    every reward's mean and 95 % bootstrap CI over prompts, and the samples' diversity."""
+    samples = ev["samples_per_prompt"]
     batch = [p for p in prompts for _ in range(samples)]
     groups = [i for i in range(len(prompts)) for _ in range(samples)]
-    images = one_step_source(model, t_init)(batch, [seed * 1_000_003 + i for i in range(len(batch))])
+    images = one_step_source(model, t_init)(batch, [ev["seed"] + i for i in range(len(batch))])
     return {**reward_table(images, batch, rewards, groups), "diversity": sample_diversity(images, groups)}
 
 
-def _initial_timestep(config: dict, model: DiffusionModel) -> int:
-    """generator.t_init, or its default for the model's parameterisation (see DEFAULTS)."""
-    t_init = config["generator"]["t_init"]
-    if t_init is None:
-        return 625 if model.prediction_type == "epsilon" else model.schedule.num_timesteps - 1
-    return int(t_init)
-
-
-def _check(config: dict, t_init: int, num_timesteps: int) -> None:
-    train, T = config["train"], num_timesteps
+def _check(config: dict, t_init: float, schedule: Schedule) -> None:
+    train, T = config["train"], schedule.num_timesteps
     if train["ikl_weighting"] not in IKL_WEIGHTINGS:
         raise PrefalignError(f"train.ikl_weighting '{train['ikl_weighting']}' unknown; use x0 or dmd")
-    if not 0 < train["t_min"] <= train["t_max"] < T or not 0 < t_init < T:
-        raise PrefalignError(f"need 0 < train.t_min ≤ train.t_max < {T} and 0 < generator.t_init < {T} (the "
-                             "model's timesteps)")
-    if int(train.get("grad_accum", 1)) != 1:
-        raise PrefalignError("train.grad_accum must be 1 for dipp (the TA and the generator update in turn each "
-                             "iteration); raise train.batch_size or use more processes instead")
+    if not 0 < train["t_min"] <= train["t_max"] < T:
+        raise PrefalignError(f"need 0 < train.t_min <= train.t_max < {T} (entries of the model's training table)")
     if config["ta"]["updates"] < 1:
         raise PrefalignError("ta.updates (K_TA) must be at least 1")
 
 
+def dipp_method(run: Run) -> Method:
+    """DI++ for the loop: each step K_TA DSM updates of the TA s_ψ (method state), then one micro-batch whose loss
+    is the generator loss L_G (the loop's optimizer step)."""
+    config, policy = run.config, run.policy
+    tr, ta_cfg, model = config["train"], config["ta"], policy.model
+    t_init = initial_timestep(model, config["generator"]["t_init"])
+    _check(config, t_init, model.schedule)
+    ta = TeachingAssistant(run, ta_cfg["lora_rank"], ta_cfg["lora_alpha"], ta_cfg["lr"])
+    alpha_rew, spec = float(config["reward"]["alpha"]), config["reward"]["spec"]
+    reward = (load_reward(spec, config["reward"].get("checkpoints") or None, run.device).requires_grad_(False)
+              if alpha_rew else None)
+    prompts, uncond = load_prompts(config["prompts"]), model.encode_prompts([""])
+    world, rank, size = run.accelerator.num_processes, run.accelerator.process_index, int(tr["batch_size"])
+    updates, T = int(ta_cfg["updates"]), model.schedule.num_timesteps
+    guided_rows = 1 if config["guidance"] == 1 or model.strategy.embeds_guidance(model) else 2  # s̃_ref's rows
+
+    def share(draw: torch.Tensor) -> torch.Tensor:
+        """This process's part of a global draw, so N processes see what one process would."""
+        return draw[rank * size:(rank + 1) * size].to(run.device)
+
+    def micro_batches(step: int, g: torch.Generator):
+        batch = [prompts[i] for i in share(torch.randint(len(prompts), (size * world,), generator=g)).tolist()]
+        cond = model.encode_prompts(batch)
+        shape = (size * world, *model.sample_shape)
+        x0 = one_step_x0(model, share(torch.randn(shape, generator=g)), cond, t_init)  # 1. g_θ(z, c), with graph
+        lr = lr_at(step, ta_cfg["lr"], tr["warmup_steps"], tr["steps"], tr["lr_schedule"])
+        ta_losses = []
+        for _ in range(updates):  # 2. K_TA DSM updates of s_ψ on sg[x_0]
+            t_ta = table_timesteps(model.schedule, share(torch.randint(T, shape[:1], generator=g)))
+            ta_losses.append(ta.update(x0, cond, t_ta, share(torch.randn(shape, generator=g)), ta_cfg["weighting"],
+                                       lr, tr["grad_clip"]))
+        # 3. the generator: IKL gradient through x_t, reward gradient through x_0.
+        t = table_timesteps(model.schedule, share(torch.randint(tr["t_min"], tr["t_max"] + 1, shape[:1], generator=g)))
+        ikl, ikl_grad = ikl_term(policy, ta.model, x0, cond, uncond, t, share(torch.randn(shape, generator=g)),
+                                 config["guidance"], tr["ikl_weighting"])
+        rewards = reward.differentiable(model.decode(x0), batch) if reward is not None else None
+        loss = generator_loss(ikl, rewards, alpha_rew)
+        stats = {"loss": float(loss.detach()), "ta_loss": sum(ta_losses) / updates, "ikl_grad": ikl_grad}
+        if rewards is not None:
+            stats["train_reward"] = float(rewards.detach().float().mean())
+        yield MicroBatch(loss, stats, fb_rows=size * (1 + updates), fwd_rows=size * (1 + guided_rows))
+
+    def on_save(out_dir: Path) -> None:
+        write_meta(out_dir, t_init, {"method": "dipp" if alpha_rew else "diff-instruct", "reward": spec,
+                                     "alpha_rew": alpha_rew, "alpha_cfg": config["guidance"], "steps": tr["steps"]})
+
+    return Method("dipp", f"DI++ (α_rew = {alpha_rew:g}, α_cfg = {config['guidance']:g})", micro_batches,
+                  ["loss", "ta_loss", "ikl_grad", "train_reward"],
+                  evaluate=lambda model, prompts, rewards, ev: evaluate_one_step(model, t_init, prompts, rewards, ev),
+                  state_dict=ta.state_dict, load_state_dict=ta.load_state_dict, on_save=on_save)
+
+
 def train(config: dict, run_dir: Path, log: Callable[[str], None] = print) -> Path:
     """Train a DI++ (or, with reward.alpha = 0, Diff-Instruct) one-step generator; resumes from
-    run_dir/checkpoint.pt with `resume`. Writes metrics.csv/.png and returns run_dir/generator."""
-    tr, gen_cfg, ta_cfg, ev = config["train"], config["generator"], config["ta"], config["eval"]
-    accelerator = make_accelerator(config)
-    device, say = accelerator.device, (log if accelerator.is_main_process else (lambda _: None))
-    checkpoint = Checkpoint(run_dir, bool(config["resume"]))
-    state = checkpoint.load()  # first: an existing run without --resume fails before any model loads
-    base = load_base_model(config["model"], device)
-    t_init = _initial_timestep(config, base)
-    _check(config, t_init, base.schedule.num_timesteps)
-    ta_model = copy.deepcopy(base)  # s_ψ starts as the reference score (Diff-Instruct initialises Sg = teacher)
-    gen = Policy(base, gen_cfg["lora_rank"], gen_cfg["lora_alpha"], gen_cfg["lora_targets"],
-                 reference="adapter" if gen_cfg["lora_rank"] else "copy")
-    ta = Policy(ta_model, ta_cfg["lora_rank"], ta_cfg["lora_alpha"], reference="none")  # s_ψ needs no reference
-    betas = tuple(tr["adam_betas"])
-    gen_opt = gen.prepare(accelerator, torch.optim.Adam(gen.trainable_parameters(), gen_cfg["lr"], betas=betas))
-    ta_opt = ta.prepare(accelerator, torch.optim.Adam(ta.trainable_parameters(), ta_cfg["lr"], betas=betas))
-    ema = EMA(gen.trainable_parameters(), gen_cfg["ema_decay"]) if gen_cfg.get("ema_decay") else None
-
-    alpha_rew, reward_spec = float(config["reward"]["alpha"]), config["reward"]["spec"]
-    checkpoints = config["reward"].get("checkpoints") or None
-    reward = load_reward(reward_spec, checkpoints, device).requires_grad_(False) if alpha_rew else None
-    prompts = load_prompts(config["prompts"])
-    uncond = base.encode_prompts([""])
-    steps, batch_size = int(tr["steps"]), int(tr["batch_size"])
-
-    metrics = MetricsLog(run_dir / "metrics.csv", accelerator.is_main_process)
-    start = 0
-    if state is not None:
-        gen.load_trainable_state(state["generator"])
-        ta.load_trainable_state(state["ta"])
-        gen_opt.load_state_dict(state["generator_optimizer"])
-        ta_opt.load_state_dict(state["ta_optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start = int(state["step"])
-        metrics.truncate(start)
-        say(f"[dipp] resumed from {checkpoint.path} at step {start}")
-    eval_prompts = load_prompts(ev["prompts"], ev["num_prompts"]) if ev["every"] else []
-    eval_rewards: dict = {}
-    if eval_prompts and accelerator.is_main_process:
-        for spec in dict.fromkeys([*ev["rewards"], reward_spec]):
-            eval_rewards[spec] = load_reward(spec, checkpoints, device)
-
-    running: dict[str, list[float]] = {"ta_loss": [], "ikl_grad": [], "train_reward": []}
-    if state is not None:  # values since the last metrics row, so a resumed run logs the same means
-        running.update(state.get("running", {}))
-    clock = time.perf_counter() - float(metrics.rows[-1].get("seconds", 0.0) if metrics.rows else 0.0)
-    gen.model.train()
-    ta.model.train()
-    for step in track(range(start, steps), "DI++ generator", total=steps - start):
-        # Every random draw is a function of (seed, rank, step), so a resumed run continues identically.
-        g = torch.Generator().manual_seed(int(config["seed"]) * 1_000_003 + accelerator.process_index * 7919 + step)
-        batch = [prompts[i] for i in torch.randint(len(prompts), (batch_size,), generator=g).tolist()]
-        shape = (batch_size, *base.sample_shape)
-        z = torch.randn(shape, generator=g).to(device)
-        for opt, lr in ((gen_opt, gen_cfg["lr"]), (ta_opt, ta_cfg["lr"])):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, lr, tr["warmup_steps"], steps, tr["lr_schedule"])
-        cond = base.encode_prompts(batch)
-        with accelerator.autocast():
-            x0 = one_step_x0(gen.model, z, cond, t_init)  # g_θ(z, c), kept with its graph for step 3
-        for _ in range(int(ta_cfg["updates"])):  # 2. K_TA DSM updates of s_ψ on sg[x_0]
-            t_ta = torch.randint(base.schedule.num_timesteps, (batch_size,), generator=g).to(device)
-            noise = torch.randn(shape, generator=g).to(device)
-            with accelerator.autocast():
-                ta_loss = ta_dsm_loss(ta.model, x0, cond, t_ta, noise, ta_cfg["weighting"])
-            check_finite(ta_loss, step, checkpoint)
-            accelerator.backward(ta_loss)
-            accelerator.clip_grad_norm_(ta.trainable_parameters(), tr["grad_clip"])
-            ta_opt.step()
-            ta_opt.zero_grad(set_to_none=True)
-            running["ta_loss"].append(float(ta_loss.detach()))
-        # 3. the generator: IKL gradient through x_t, reward gradient through x_0.
-        t = torch.randint(int(tr["t_min"]), int(tr["t_max"]) + 1, (batch_size,), generator=g).to(device)
-        x_t = base.schedule.add_noise(x0, torch.randn(shape, generator=g).to(device), t)
-        alpha, sigma = base.schedule.alpha_sigma(t, like=x_t)
-        with accelerator.autocast():
-            with torch.no_grad():
-                score_ta = model_score(ta.model(x_t.detach(), t, cond), x_t.detach(), alpha, sigma,
-                                       base.prediction_type)[0]
-                score_ref, x0_ref = reference_score(gen, x_t.detach(), t, cond, uncond, config["guidance"])
-                weight = ikl_weight(tr["ikl_weighting"], alpha, sigma, x0.detach(), x0_ref)
-            ikl = ikl_surrogate(x_t, score_ta, score_ref, weight)
-            rewards = reward.differentiable(base.decode(x0), batch) if reward is not None else None
-            loss = generator_loss(ikl, rewards, alpha_rew)
-        check_finite(loss, step, checkpoint)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(gen.trainable_parameters(), tr["grad_clip"])
-        gen_opt.step()
-        gen_opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(step)
-        running["ikl_grad"].append(float((weight * alpha * (score_ta - score_ref)).abs().mean()))
-        if rewards is not None:
-            running["train_reward"].append(float(rewards.detach().mean()))
-
-        done = step + 1
-        if ev["every"] and (done % ev["every"] == 0 or done == steps):
-            row = {"step": done, **{k: sum(v) / len(v) for k, v in running.items() if v},
-                   "seconds": time.perf_counter() - clock}
-            running = {k: [] for k in running}
-            if accelerator.is_main_process:
-                with _evaluation_view(gen, accelerator, ema) as model:
-                    row |= evaluate(model, t_init, eval_prompts, ev["samples_per_prompt"], ev["seed"], eval_rewards)
-                metrics.append(row)
-                plot_metrics(metrics.path, run_dir / "metrics.png", [*eval_rewards, "diversity", "ikl_grad"],
-                             title=f"DI++ (α_rew = {alpha_rew:g}, α_cfg = {config['guidance']:g})")
-                say(f"[dipp] step {done}: " + ", ".join(f"{k} {row[k]:.4g}" for k in [*eval_rewards, "diversity"]))
-            accelerator.wait_for_everyone()
-        if done % config["checkpoint_every"] == 0 or done == steps:
-            state = {"step": done, "generator": gen.trainable_state(), "ta": ta.trainable_state(),
-                     "generator_optimizer": gen_opt.state_dict(), "ta_optimizer": ta_opt.state_dict(), "running": running}
-            checkpoint.save(state | ({"ema": ema.state_dict()} if ema is not None else {}), accelerator)
-
-    out_dir = run_dir / GENERATOR_DIR
-    if accelerator.is_main_process:
-        dtype = getattr(torch, config["save_dtype"]) if config.get("save_dtype") else None
-        with _evaluation_view(gen, accelerator, ema):
-            gen.save_pretrained(out_dir, dtype)
-        write_meta(out_dir, t_init, {"method": "dipp" if alpha_rew else "diff-instruct", "reward": reward_spec,
-                                     "alpha_rew": alpha_rew, "alpha_cfg": config["guidance"], "steps": steps})
-    accelerator.wait_for_everyone()
-    say(f"[dipp] one-step generator written to {out_dir}")
-    return out_dir
+    run_dir/checkpoint.pt with `resume`. Writes metrics.csv/png, eval.csv/png and returns run_dir/generator."""
+    policy = config["policy"]
+    reference = policy["reference"] or ("adapter" if policy["lora_rank"] else "copy")
+    return train_policy({**config, "policy": {**policy, "reference": reference}}, run_dir, dipp_method, log,
+                        output=GENERATOR_DIR)
 
 
 DEMO_OVERRIDES: dict = {
-    "resume": True, "checkpoint_every": 1000,
-    "train": {"steps": 30, "batch_size": 8},
+    "resume": True,
+    "train": {"steps": 30, "batch_size": 8, "checkpoint_every": 1000},
     "eval": {"every": 0},
 }
 

@@ -59,6 +59,9 @@ def merge_lora(denoiser: torch.nn.Module) -> None:
         layer.merge()
         parent_name, _, child = name.rpartition(".")
         setattr(denoiser.get_submodule(parent_name), child, layer.get_base_layer())
+    if getattr(denoiser, "_hf_peft_config_loaded", False):  # diffusers' adapter bookkeeping: none are left
+        del denoiser.peft_config
+        denoiser._hf_peft_config_loaded = False
 
 
 class Policy:
