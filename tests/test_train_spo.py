@@ -169,14 +169,16 @@ def pipelines(tmp_path_factory):
     return root
 
 
-def _overrides(pipelines, scorer_dir, family="pixel", rounds=2, **extra):
+def _overrides(pipelines, scorer_dir, family="pixel", steps=4, **extra):
     values = {
         "model": str(pipelines / family), "preference.checkpoint": str(scorer_dir), "data.num_prompts": 8,
         "sample.steps": 4, "sample.batch_size": 2, "sample.pool_size": 2, "sample.threshold": -1.0,
-        "sample.guidance": 3.0, "train.rounds": rounds, "train.batch_size": 4, "train.lr": 1e-3,
+        "sample.guidance": 3.0, "train.steps": steps, "train.batch_size": 4, "train.lr": 1e-3,
         "train.checkpoint_every": 1, "eval.every": 1, "eval.num_prompts": 2, "eval.steps": 2, "eval.guidance": 3.0,
         "eval.rewards": "[shapes-oracle]",
-        "sample.timestep_range": "[0,750]",  # the pair/compute accounting below branches x_t at 501, 251 and 1
+        # 4 DDIM steps (751, 501, 251, 1): x_t at 501, 251 and 1 branch; threshold −1 keeps all 2 × 3 pairs a round,
+        # trained in two steps of 4 and 2 pairs.
+        "sample.timestep_range": "[0,750]",
         **extra,
     }
     return [f"{k}={v}" for k, v in values.items()]
@@ -196,7 +198,8 @@ def test_train_on_sd15_and_sdxl_structures(tmp_path, pipelines, scorer_dir, fami
 
     from prefalign.diffusion.models import DiffusionModel
 
-    out = _train(tmp_path, _overrides(pipelines, scorer_dir, family, rounds=1))
+    out = _train(tmp_path, _overrides(pipelines, scorer_dir, family, steps=2,
+                                      **{"train.log_every": 2, "eval.every": 2}))
     saved = DiffusionModel.from_pretrained(out)
     assert saved.family == family
     base = DiffusionModel.from_pretrained(pipelines / family)
@@ -204,12 +207,12 @@ def test_train_on_sd15_and_sdxl_structures(tmp_path, pipelines, scorer_dir, fami
                if not torch.equal(p, q)]
     assert changed and all(any(k in n for k in ("to_q", "to_k", "to_v", "to_out")) for n in changed)  # LoRA merged
     metrics, evals = pd.read_csv(tmp_path / "metrics.csv"), pd.read_csv(tmp_path / "eval.csv")
-    # 4 DDIM steps (751, 501, 251, 1): x_t at 501, 251 and 1 branch; threshold −1 keeps all 2 × 3 pairs.
-    assert metrics["pairs"].tolist() == [6] and metrics["opt_steps"].tolist() == [2]
+    assert metrics["step"].tolist() == [2] and metrics["pairs"].tolist() == [6]
     # Compute: CFG rows; x_T + x_t at 751 + pools at 251 and 1 (2 prompts × k=2); 6 pairs fwd+bwd and reference.
-    assert metrics["sample_fwd"].tolist() == [2 * (2 + 2 + 2 * 2 * 2)] and metrics["fb_calls"].tolist() == [12]
+    assert metrics["scored"].tolist() == [2 * 2 * 3] and metrics["fb_calls"].tolist() == [12]
+    assert metrics["fwd_calls"].tolist() == [2 * (2 + 2 + 2 * 2 * 2) + 12]
     assert metrics["compute"].tolist() == [24 + 12 + 3 * 12]
-    assert evals["step"].tolist() == [0, 1] and evals["compute"].tolist() == [0, 72]
+    assert evals["step"].tolist() == [0, 2] and evals["compute"].tolist() == [0, 72]
     assert (tmp_path / "eval.png").is_file() and (tmp_path / "metrics.png").is_file()
 
 
@@ -223,39 +226,45 @@ def test_default_range_branches_16_of_20_sd15_steps():
     assert sum(low <= t <= high for t in steps) == 16 and max(t for t in steps if t <= high) == 751
 
 
-def test_resume_continues_exactly(tmp_path, pipelines, scorer_dir):
+def test_resume_mid_round_continues_exactly(tmp_path, pipelines, scorer_dir):
+    """Stopped after step 1, halfway through round 1: the resumed run trains on the checkpointed rest of it."""
     from prefalign.errors import PrefalignError
 
     straight, split = tmp_path / "straight", tmp_path / "split"
-    _train(straight, _overrides(pipelines, scorer_dir, rounds=2))
-    _train(split, _overrides(pipelines, scorer_dir, rounds=1))
+    _train(straight, _overrides(pipelines, scorer_dir, steps=4))
+    _train(split, _overrides(pipelines, scorer_dir, steps=1))
+    state = torch.load(split / "checkpoint.pt", weights_only=True)["method"]
+    assert state["round"] == 1 and len(state["pairs"]["t"]) == 2 and len(state["prompts"]) == 2
     with pytest.raises(PrefalignError, match="pass --resume"):
-        _train(split, _overrides(pipelines, scorer_dir, rounds=2))
-    _train(split, _overrides(pipelines, scorer_dir, rounds=2), resume=True)
+        _train(split, _overrides(pipelines, scorer_dir, steps=4))
+    _train(split, _overrides(pipelines, scorer_dir, steps=4), resume=True)
     a = torch.load(straight / "checkpoint.pt", weights_only=True)
     b = torch.load(split / "checkpoint.pt", weights_only=True)
-    a["compute"].pop("seconds"), b["compute"].pop("seconds")
-    assert a["step"] == b["step"] == 2 and a["compute"] == b["compute"]
+    assert a["step"] == b["step"] == 4 and a["method"]["round"] == b["method"]["round"] == 2
+    assert (a["fb_calls"], a["fwd_calls"]) == (b["fb_calls"], b["fwd_calls"]) == (24, 2 * 24 + 24)
     for name, value in a["trainable"].items():
         torch.testing.assert_close(b["trainable"][name], value, rtol=0, atol=0)
-    assert (straight / "eval.csv").read_text().count("\n") == (split / "eval.csv").read_text().count("\n") == 4
+    assert (straight / "eval.csv").read_text().count("\n") == (split / "eval.csv").read_text().count("\n") == 6
 
 
-def test_killed_run_resumes_to_the_same_metrics_and_weights(tmp_path, pipelines, scorer_dir, kill_on_calls):
-    """Killed in round 2, after the round-1 checkpoint and before round 1's metrics were logged (every 2 rounds)."""
+@pytest.mark.parametrize(("name", "call"), [("round_prompt_indices", 2), ("spo_loss", 2)])
+def test_killed_run_resumes_to_the_same_metrics_and_weights(tmp_path, pipelines, scorer_dir, kill_on_calls,
+                                                            name, call):
+    """Killed while sampling round 2 (step 2) or in the middle of round 1 (step 1), after that step's checkpoint
+    and before its metrics were logged (every 2 steps)."""
     from prefalign.train import spo
 
     every_two = {"train.log_every": 2, "eval.every": 2}
     _train(tmp_path / "straight", _overrides(pipelines, scorer_dir, **every_two))
-    kill_on_calls(spo, "round_prompt_indices", {2})
+    kill_on_calls(spo, name, {call})
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path / "killed", _overrides(pipelines, scorer_dir, **every_two))
     _train(tmp_path / "killed", _overrides(pipelines, scorer_dir, **every_two), resume=True)
-    for name in ("metrics.csv", "eval.csv"):
-        a, b = ((tmp_path / d / name).read_text().splitlines() for d in ("straight", "killed"))
+    for csv in ("metrics.csv", "eval.csv"):
+        a, b = ((tmp_path / d / csv).read_text().splitlines() for d in ("straight", "killed"))
         seconds = a[0].split(",").index("seconds")
         assert [r.split(",")[:seconds] + r.split(",")[seconds + 1:] for r in a] == [
-            r.split(",")[:seconds] + r.split(",")[seconds + 1:] for r in b], name
+            r.split(",")[:seconds] + r.split(",")[seconds + 1:] for r in b], csv
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("straight", "killed"))
     assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in a["trainable"])
 
@@ -270,11 +279,11 @@ def test_nan_guard_names_the_last_checkpoint(tmp_path, pipelines, scorer_dir, mo
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] > 2 else loss  # round 1 is fine (2 micro-batches), then NaN
+        return loss * float("nan") if calls["n"] > 2 else loss  # round 1 is fine (2 steps), then NaN
 
     monkeypatch.setattr(spo, "spo_loss", poisoned)
-    with pytest.raises(PrefalignError, match=r"nan at step 1; .*checkpoint.pt \(step 1\)"):
-        _train(tmp_path, _overrides(pipelines, scorer_dir, rounds=3, **{"eval.every": 0}))
+    with pytest.raises(PrefalignError, match=r"nan at step 2; .*checkpoint.pt \(step 2\)"):
+        _train(tmp_path, _overrides(pipelines, scorer_dir, steps=6, **{"eval.every": 0}))
 
 
 def test_cli_align_spo(tmp_path, pipelines, scorer_dir):
@@ -284,7 +293,7 @@ def test_cli_align_spo(tmp_path, pipelines, scorer_dir):
 
     runner = CliRunner()
     args = ["align", "--method", "spo", "--device", "cpu", "--out", str(tmp_path / "run")]
-    result = runner.invoke(app, args + _overrides(pipelines, scorer_dir, rounds=1, **{"eval.every": 0}))
+    result = runner.invoke(app, args + _overrides(pipelines, scorer_dir, steps=1, **{"eval.every": 0}))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "model" / "model_index.json").is_file()
     assert (tmp_path / "run" / "config.yaml").is_file()
