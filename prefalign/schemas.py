@@ -106,8 +106,8 @@ DPO: Schema = {
 
 SPO: Schema = {
     **RUN, **LOG, **_optimiser(), **_policy(), **_sampled_eval(),
-    "train.steps": Field("optimizer steps in total; one pass over each sampled round's kept pairs, the next round "
-                         "sampled when they run out", ge=1, aliases=("train.rounds",)),
+    "train.steps": Field("optimizer steps in total (a round is sampled when the last one's pairs run out)", ge=1,
+                         aliases=("train.rounds",)),
     "train.warmup_steps": Field("linear learning-rate warm-up length", ge=0, aliases=("train.warmup_rounds",)),
     "preference.checkpoint": Field("step-aware preference model directory (`prefalign train-reward`)", type=str),
     "data.prompts": Field("training prompts: shapes-train, shapes-val or a prompt file"),
@@ -117,8 +117,7 @@ SPO: Schema = {
     "sample.guidance": Field("classifier-free guidance scale while sampling", ge=0),
     "sample.pool_size": Field("candidates per step; the best and worst form a pair", ge=2),
     "sample.threshold": Field("minimum preference-score gap for a pair to train on (negative: keep every pair)"),
-    "sample.timestep_range": Field("[low, high]: branch the steps from x_t with t in this range (t = sigma*T for "
-                                   "rectified flow)"),
+    "sample.timestep_range": Field("[low, high]: branch x_t with t in this range (flow: t = sigma*T)"),
     "sample.batch_size": Field("prompts per process and sampling round", ge=1),
     "sample.negative_prompt": Field("negative prompt of the unconditional branch"),
     "train.adam_betas": Field("AdamW betas [beta1, beta2]"),
