@@ -105,9 +105,9 @@ def sample_step_pairs(
     (inclusive) and whose step std is non-zero branch: k = `pool_size` candidates x_{t−1}^j = μ(x_t) + σ z_j share
     x_t and its mean (the step's own draw and k − 1 more). t is the timestep the network receives: DDIM's integer
     t for VP (official SD1.5: the last 16 of 20 steps, x_t at t ≤ 751 with steps_offset 1) and t = σ·T for
-    rectified flow, so a range [0, 751] keeps x_t with σ ≤ 0.751: on an unshifted 20-step grid the same last 16
-    steps (by noise level, SD1.5's t = 751 has SNR 0.059, a flow's σ = 0.80); a shifted grid (SD3, FLUX) spends
-    more of its steps above it. Each candidate's x̂_0 comes from the policy's output at t−1 (which the
+    rectified flow, so a range [0, 751] keeps x_t with σ ≤ 0.751: the last 15 of an unshifted 20-step grid
+    (σ = 1 … 0.001; by noise level, SD1.5's t = 751 has SNR 0.059, a flow's σ = 0.80), fewer of a shifted one (SD3,
+    FLUX), which spends more of its steps at high noise. Each candidate's x̂_0 comes from the policy's output at t−1 (which the
     chosen candidate reuses for its own next step, so scoring costs no extra forwards), is decoded and scored at
     timestep t−1; after the final step the candidates themselves are scored at t = 0. The best/worst pair is kept
     by `select_pair`, and every chain continues from a uniformly random candidate, kept or not. Other steps are
