@@ -406,6 +406,7 @@ def test_on_policy_flow_log_ratio_is_zero(family):
     assert torch.equal(lr_w, torch.zeros_like(lr_w)) and torch.equal(lr_l, torch.zeros_like(lr_l))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd3", "flux", "flow-teacher"])
 def test_train_two_lora_steps_on_flow_models(tmp_path, scorer_dir, monkeypatch, family):
     """Two optimizer steps of LoRA SPO through the loop; every step's LoRA gradients are finite, lora_B's non-zero

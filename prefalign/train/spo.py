@@ -192,7 +192,8 @@ class Rounds:
         model = self.run.policy.model
         self.index, self.prompts = int(state["round"]), list(state["prompts"])
         self.pairs = StepPairs(**{k: v.to(model.device) for k, v in state["pairs"].items()}) if state["pairs"] else None
-        self.cond = model.encode_prompts(self.prompts) if self.prompts else None
+        with self.run.accelerator.autocast():  # as `take` encodes them, inside the loop's autocast
+            self.cond = model.encode_prompts(self.prompts) if self.prompts else None
 
 
 def spo_method(run: Run) -> Method:
