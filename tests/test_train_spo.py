@@ -287,6 +287,14 @@ def test_nan_guard_names_the_last_checkpoint(tmp_path, pipelines, scorer_dir, mo
         _train(tmp_path, _overrides(pipelines, scorer_dir, steps=6, **{"eval.every": 0}))
 
 
+def test_rounds_without_pairs_stop_with_a_one_line_error(tmp_path, pipelines, scorer_dir):
+    from prefalign.errors import PrefalignError
+
+    # A softmax gap never exceeds 1, so no pair is ever kept.
+    with pytest.raises(PrefalignError, match=r"no pair kept in 10 sampling rounds in a row; lower sample\.threshold"):
+        _train(tmp_path, _overrides(pipelines, scorer_dir, steps=1, **{"sample.threshold": 1.0, "eval.every": 0}))
+
+
 def test_cli_align_spo(tmp_path, pipelines, scorer_dir):
     from typer.testing import CliRunner
 

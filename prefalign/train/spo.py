@@ -170,7 +170,8 @@ class Rounds:
     def _sample_next(self) -> PoolStats:
         """Sample round `self.index`: each process takes its slice of the round's prompts and draws its own noise
         from (seed, round, process); every process keeps the same number of pairs (DDP needs matching backwards)."""
-        accelerator, model, seed, r = self.run.accelerator, self.run.policy.model, int(self.run.config["seed"]), self.index
+        accelerator, model, r = self.run.accelerator, self.run.policy.model, self.index
+        seed = int(self.run.config["seed"])
         world, rank, batch = accelerator.num_processes, accelerator.process_index, int(self.sample["batch_size"])
         idx = round_prompt_indices(len(self.all_prompts), r, batch * world, seed)[rank * batch:][:batch]
         self.prompts = [self.all_prompts[i] for i in idx]

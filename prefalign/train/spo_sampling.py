@@ -78,7 +78,8 @@ def predicted_x0(
     model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: Schedule, prediction_type: str,
     clip_sample: float | None = None,
 ) -> torch.Tensor:
-    """The sampler's x̂_0 at timestep t (x_t − σ·û for flow) (clamped like the scheduler's `clip_sample`), the input of the preference model."""
+    """The sampler's x̂_0 at timestep t (x_t − σ·û for flow), clamped like the scheduler's `clip_sample`: the
+    input of the preference model."""
     alpha, sigma = schedule.alpha_sigma(t.to(x_t.device), like=x_t)
     x0 = predicted_x0_eps(model_output, x_t, alpha, sigma, prediction_type)[0]
     return x0 if clip_sample is None else x0.clamp(-clip_sample, clip_sample)
@@ -106,12 +107,12 @@ def sample_step_pairs(
     x_t and its mean (the step's own draw and k − 1 more). t is the timestep the network receives: DDIM's integer
     t for VP (official SD1.5: the last 16 of 20 steps, x_t at t ≤ 751 with steps_offset 1) and t = σ·T for
     rectified flow, so a range [0, 751] keeps x_t with σ ≤ 0.751: the last 15 of an unshifted 20-step grid
-    (σ = 1 … 0.001; by noise level, SD1.5's t = 751 has SNR 0.059, a flow's σ = 0.80), fewer of a shifted one (SD3,
-    FLUX), which spends more of its steps at high noise. Each candidate's x̂_0 comes from the policy's output at t−1 (which the
-    chosen candidate reuses for its own next step, so scoring costs no extra forwards), is decoded and scored at
-    timestep t−1; after the final step the candidates themselves are scored at t = 0. The best/worst pair is kept
-    by `select_pair`, and every chain continues from a uniformly random candidate, kept or not. Other steps are
-    plain sampler steps. `sampler_kwargs` are `DiffusionModel.sampler_kwargs()`.
+    (σ = 1 … 0.001; by noise level, SD1.5's t = 751 has SNR 0.059, a flow's σ = 0.80), fewer of a shifted one
+    (SD3, FLUX), which spends more of its steps at high noise. Each candidate's x̂_0 comes from the policy's
+    output at t−1 (which the chosen candidate reuses for its own next step, so scoring costs no extra forwards),
+    is decoded and scored at timestep t−1; after the final step the candidates themselves are scored at t = 0.
+    The best/worst pair is kept by `select_pair`, and every chain continues from a uniformly random candidate,
+    kept or not. Other steps are plain sampler steps. `sampler_kwargs` are `DiffusionModel.sampler_kwargs()`.
     """
     grid = timestep_pairs(schedule, num_steps, **sampler_kwargs)
     prediction_type, clip_sample = sampler_kwargs.get("prediction_type", "epsilon"), sampler_kwargs.get("clip_sample")
