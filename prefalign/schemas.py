@@ -30,17 +30,14 @@ LOG: dict[str, Field] = {
 }
 
 
-def _optimiser(steps_key: str = "steps", warmup_key: str = "warmup_steps") -> dict[str, Field]:
-    other = ("train.steps", "train.warmup_steps") if steps_key != "steps" else ()
+def _optimiser() -> dict[str, Field]:
     return {
-        f"train.{steps_key}": Field("optimizer steps in total" if steps_key == "steps" else
-                                    "sampling rounds in total (one optimizer pass over each round's pairs)", ge=1,
-                                    aliases=other[:1]),
+        "train.steps": Field("optimizer steps in total", ge=1),
         "train.batch_size": Field("examples per process and micro-batch", ge=1),
         "train.grad_accum": Field("micro-batches accumulated per optimizer step", ge=1),
         "train.lr": Field("peak learning rate", gt=0),
         "train.lr_schedule": Field("constant or cosine decay to 10 % after the warm-up", choices=LR_SCHEDULES),
-        f"train.{warmup_key}": Field("linear learning-rate warm-up length", ge=0, aliases=other[1:]),
+        "train.warmup_steps": Field("linear learning-rate warm-up length", ge=0),
         "train.weight_decay": Field("AdamW weight decay", ge=0),
         "train.grad_clip": Field("clip the gradient norm to this (0 or null: no clipping)", type=float, ge=0,
                                  nullable=True),
@@ -66,9 +63,9 @@ def _policy() -> dict[str, Field]:
     }
 
 
-def _sampled_eval(unit: str = "steps") -> dict[str, Field]:
+def _sampled_eval() -> dict[str, Field]:
     return {
-        "eval.every": Field(f"evaluate at 0, every N {unit} and at the end; 0: never", ge=0),
+        "eval.every": Field("evaluate at 0, every N steps and at the end; 0: never", ge=0),
         "eval.prompts": Field("held-out prompts: shapes-val, shapes-train or a prompt file"),
         "eval.num_prompts": Field("how many of those prompts; null: all", type=int, ge=1, nullable=True),
         "eval.samples_per_prompt": Field("images per prompt (seeds eval.seed + i)", ge=1),
@@ -108,17 +105,20 @@ DPO: Schema = {
 }
 
 SPO: Schema = {
-    **RUN, **LOG, **_optimiser("rounds", "warmup_rounds"), **_policy(), **_sampled_eval("rounds"),
+    **RUN, **LOG, **_optimiser(), **_policy(), **_sampled_eval(),
+    "train.steps": Field("optimizer steps in total (a round is sampled when the last one's pairs run out)", ge=1,
+                         aliases=("train.rounds",)),
+    "train.warmup_steps": Field("linear learning-rate warm-up length", ge=0, aliases=("train.warmup_rounds",)),
     "preference.checkpoint": Field("step-aware preference model directory (`prefalign train-reward`)", type=str),
     "data.prompts": Field("training prompts: shapes-train, shapes-val or a prompt file"),
     "data.num_prompts": Field("use the first N prompts; null: all", type=int, ge=1),
-    "sample.steps": Field("DDIM steps of the sampled trajectories", ge=1),
-    "sample.eta": Field("DDIM eta of the trajectories (1: stochastic, as SPO)", ge=0),
+    "sample.steps": Field("sampler steps of the sampled trajectories (DDIM for VP, Euler-Maruyama for flow)", ge=1),
+    "sample.eta": Field("step noise: DDIM eta (1: stochastic, as SPO) or the flow SDE's noise level", ge=0),
     "sample.guidance": Field("classifier-free guidance scale while sampling", ge=0),
     "sample.pool_size": Field("candidates per step; the best and worst form a pair", ge=2),
     "sample.threshold": Field("minimum preference-score gap for a pair to train on (negative: keep every pair)"),
-    "sample.timestep_range": Field("[low, high]: train on steps with t in this range"),
-    "sample.batch_size": Field("prompts per sampling call", ge=1),
+    "sample.timestep_range": Field("[low, high]: branch x_t with t in this range (flow: t = sigma*T)"),
+    "sample.batch_size": Field("prompts per process and sampling round", ge=1),
     "sample.negative_prompt": Field("negative prompt of the unconditional branch"),
     "train.adam_betas": Field("AdamW betas [beta1, beta2]"),
     "train.adam_eps": Field("AdamW epsilon", gt=0),

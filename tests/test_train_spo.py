@@ -1,4 +1,5 @@
-"""SPO: pool sampling, pair selection, step log-ratios and loss, training (resume, SD1.5/SDXL structures, CLI)."""
+"""SPO: pool sampling, pair selection, step log-ratios and loss, training (resume, SD1.5/SDXL structures, CLI,
+demo), and the same on rectified-flow models (SD3, FLUX, the flow shapes teacher)."""
 
 import math
 
@@ -169,14 +170,16 @@ def pipelines(tmp_path_factory):
     return root
 
 
-def _overrides(pipelines, scorer_dir, family="pixel", rounds=2, **extra):
+def _overrides(pipelines, scorer_dir, family="pixel", steps=4, **extra):
     values = {
         "model": str(pipelines / family), "preference.checkpoint": str(scorer_dir), "data.num_prompts": 8,
         "sample.steps": 4, "sample.batch_size": 2, "sample.pool_size": 2, "sample.threshold": -1.0,
-        "sample.guidance": 3.0, "train.rounds": rounds, "train.batch_size": 4, "train.lr": 1e-3,
+        "sample.guidance": 3.0, "train.steps": steps, "train.batch_size": 4, "train.lr": 1e-3,
         "train.checkpoint_every": 1, "eval.every": 1, "eval.num_prompts": 2, "eval.steps": 2, "eval.guidance": 3.0,
         "eval.rewards": "[shapes-oracle]",
-        "sample.timestep_range": "[0,750]",  # the pair/compute accounting below branches x_t at 501, 251 and 1
+        # 4 DDIM steps (751, 501, 251, 1): x_t at 501, 251 and 1 branch; threshold −1 keeps all 2 × 3 pairs a round,
+        # trained in two steps of 4 and 2 pairs.
+        "sample.timestep_range": "[0,750]",
         **extra,
     }
     return [f"{k}={v}" for k, v in values.items()]
@@ -196,7 +199,8 @@ def test_train_on_sd15_and_sdxl_structures(tmp_path, pipelines, scorer_dir, fami
 
     from prefalign.diffusion.models import DiffusionModel
 
-    out = _train(tmp_path, _overrides(pipelines, scorer_dir, family, rounds=1))
+    out = _train(tmp_path, _overrides(pipelines, scorer_dir, family, steps=2,
+                                      **{"train.log_every": 2, "eval.every": 2}))
     saved = DiffusionModel.from_pretrained(out)
     assert saved.family == family
     base = DiffusionModel.from_pretrained(pipelines / family)
@@ -204,12 +208,12 @@ def test_train_on_sd15_and_sdxl_structures(tmp_path, pipelines, scorer_dir, fami
                if not torch.equal(p, q)]
     assert changed and all(any(k in n for k in ("to_q", "to_k", "to_v", "to_out")) for n in changed)  # LoRA merged
     metrics, evals = pd.read_csv(tmp_path / "metrics.csv"), pd.read_csv(tmp_path / "eval.csv")
-    # 4 DDIM steps (751, 501, 251, 1): x_t at 501, 251 and 1 branch; threshold −1 keeps all 2 × 3 pairs.
-    assert metrics["pairs"].tolist() == [6] and metrics["opt_steps"].tolist() == [2]
+    assert metrics["step"].tolist() == [2] and metrics["pairs"].tolist() == [6]
     # Compute: CFG rows; x_T + x_t at 751 + pools at 251 and 1 (2 prompts × k=2); 6 pairs fwd+bwd and reference.
-    assert metrics["sample_fwd"].tolist() == [2 * (2 + 2 + 2 * 2 * 2)] and metrics["fb_calls"].tolist() == [12]
+    assert metrics["scored"].tolist() == [2 * 2 * 3] and metrics["fb_calls"].tolist() == [12]
+    assert metrics["fwd_calls"].tolist() == [2 * (2 + 2 + 2 * 2 * 2) + 12]
     assert metrics["compute"].tolist() == [24 + 12 + 3 * 12]
-    assert evals["step"].tolist() == [0, 1] and evals["compute"].tolist() == [0, 72]
+    assert evals["step"].tolist() == [0, 2] and evals["compute"].tolist() == [0, 72]
     assert (tmp_path / "eval.png").is_file() and (tmp_path / "metrics.png").is_file()
 
 
@@ -223,39 +227,45 @@ def test_default_range_branches_16_of_20_sd15_steps():
     assert sum(low <= t <= high for t in steps) == 16 and max(t for t in steps if t <= high) == 751
 
 
-def test_resume_continues_exactly(tmp_path, pipelines, scorer_dir):
+def test_resume_mid_round_continues_exactly(tmp_path, pipelines, scorer_dir):
+    """Stopped after step 1, halfway through round 1: the resumed run trains on the checkpointed rest of it."""
     from prefalign.errors import PrefalignError
 
     straight, split = tmp_path / "straight", tmp_path / "split"
-    _train(straight, _overrides(pipelines, scorer_dir, rounds=2))
-    _train(split, _overrides(pipelines, scorer_dir, rounds=1))
+    _train(straight, _overrides(pipelines, scorer_dir, steps=4))
+    _train(split, _overrides(pipelines, scorer_dir, steps=1))
+    state = torch.load(split / "checkpoint.pt", weights_only=True)["method"]
+    assert state["round"] == 1 and len(state["pairs"]["t"]) == 2 and len(state["prompts"]) == 2
     with pytest.raises(PrefalignError, match="pass --resume"):
-        _train(split, _overrides(pipelines, scorer_dir, rounds=2))
-    _train(split, _overrides(pipelines, scorer_dir, rounds=2), resume=True)
+        _train(split, _overrides(pipelines, scorer_dir, steps=4))
+    _train(split, _overrides(pipelines, scorer_dir, steps=4), resume=True)
     a = torch.load(straight / "checkpoint.pt", weights_only=True)
     b = torch.load(split / "checkpoint.pt", weights_only=True)
-    a["compute"].pop("seconds"), b["compute"].pop("seconds")
-    assert a["step"] == b["step"] == 2 and a["compute"] == b["compute"]
+    assert a["step"] == b["step"] == 4 and a["method"]["round"] == b["method"]["round"] == 2
+    assert (a["fb_calls"], a["fwd_calls"]) == (b["fb_calls"], b["fwd_calls"]) == (24, 2 * 24 + 24)
     for name, value in a["trainable"].items():
         torch.testing.assert_close(b["trainable"][name], value, rtol=0, atol=0)
-    assert (straight / "eval.csv").read_text().count("\n") == (split / "eval.csv").read_text().count("\n") == 4
+    assert (straight / "eval.csv").read_text().count("\n") == (split / "eval.csv").read_text().count("\n") == 6
 
 
-def test_killed_run_resumes_to_the_same_metrics_and_weights(tmp_path, pipelines, scorer_dir, kill_on_calls):
-    """Killed in round 2, after the round-1 checkpoint and before round 1's metrics were logged (every 2 rounds)."""
+@pytest.mark.parametrize(("name", "call"), [("round_prompt_indices", 2), ("spo_loss", 2)])
+def test_killed_run_resumes_to_the_same_metrics_and_weights(tmp_path, pipelines, scorer_dir, kill_on_calls,
+                                                            name, call):
+    """Killed while sampling round 2 (step 2) or in the middle of round 1 (step 1), after that step's checkpoint
+    and before its metrics were logged (every 2 steps)."""
     from prefalign.train import spo
 
     every_two = {"train.log_every": 2, "eval.every": 2}
     _train(tmp_path / "straight", _overrides(pipelines, scorer_dir, **every_two))
-    kill_on_calls(spo, "round_prompt_indices", {2})
+    kill_on_calls(spo, name, {call})
     with pytest.raises(KeyboardInterrupt):
         _train(tmp_path / "killed", _overrides(pipelines, scorer_dir, **every_two))
     _train(tmp_path / "killed", _overrides(pipelines, scorer_dir, **every_two), resume=True)
-    for name in ("metrics.csv", "eval.csv"):
-        a, b = ((tmp_path / d / name).read_text().splitlines() for d in ("straight", "killed"))
+    for csv in ("metrics.csv", "eval.csv"):
+        a, b = ((tmp_path / d / csv).read_text().splitlines() for d in ("straight", "killed"))
         seconds = a[0].split(",").index("seconds")
         assert [r.split(",")[:seconds] + r.split(",")[seconds + 1:] for r in a] == [
-            r.split(",")[:seconds] + r.split(",")[seconds + 1:] for r in b], name
+            r.split(",")[:seconds] + r.split(",")[seconds + 1:] for r in b], csv
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("straight", "killed"))
     assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in a["trainable"])
 
@@ -270,11 +280,19 @@ def test_nan_guard_names_the_last_checkpoint(tmp_path, pipelines, scorer_dir, mo
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] > 2 else loss  # round 1 is fine (2 micro-batches), then NaN
+        return loss * float("nan") if calls["n"] > 2 else loss  # round 1 is fine (2 steps), then NaN
 
     monkeypatch.setattr(spo, "spo_loss", poisoned)
-    with pytest.raises(PrefalignError, match=r"nan at step 1; .*checkpoint.pt \(step 1\)"):
-        _train(tmp_path, _overrides(pipelines, scorer_dir, rounds=3, **{"eval.every": 0}))
+    with pytest.raises(PrefalignError, match=r"nan at step 2; .*checkpoint.pt \(step 2\)"):
+        _train(tmp_path, _overrides(pipelines, scorer_dir, steps=6, **{"eval.every": 0}))
+
+
+def test_rounds_without_pairs_stop_with_a_one_line_error(tmp_path, pipelines, scorer_dir):
+    from prefalign.errors import PrefalignError
+
+    # A softmax gap never exceeds 1, so no pair is ever kept.
+    with pytest.raises(PrefalignError, match=r"no pair kept in 10 sampling rounds in a row; lower sample\.threshold"):
+        _train(tmp_path, _overrides(pipelines, scorer_dir, steps=1, **{"sample.threshold": 1.0, "eval.every": 0}))
 
 
 def test_cli_align_spo(tmp_path, pipelines, scorer_dir):
@@ -284,10 +302,151 @@ def test_cli_align_spo(tmp_path, pipelines, scorer_dir):
 
     runner = CliRunner()
     args = ["align", "--method", "spo", "--device", "cpu", "--out", str(tmp_path / "run")]
-    result = runner.invoke(app, args + _overrides(pipelines, scorer_dir, rounds=1, **{"eval.every": 0}))
+    result = runner.invoke(app, args + _overrides(pipelines, scorer_dir, steps=1, **{"eval.every": 0}))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "model" / "model_index.json").is_file()
     assert (tmp_path / "run" / "config.yaml").is_file()
     result = runner.invoke(app, ["align", "--method", "spo", "--device", "cpu", "--out", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "preference.checkpoint" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_demo_stage_registers_an_spo_generator(tmp_path, scorer_dir, monkeypatch):
+    from prefalign.config import resolve_config
+    from prefalign.demo import DEMO_DEFAULTS, DemoContext
+    from prefalign.train import spo
+
+    monkeypatch.setitem(spo.DEMO_OVERRIDES, "sample", {"steps": 2, "guidance": 3.0, "batch_size": 1,
+                                                       "threshold": -1.0})
+    monkeypatch.setitem(spo.DEMO_OVERRIDES, "train", {"steps": 1, "batch_size": 2, "checkpoint_every": 1})
+    ctx = DemoContext(resolve_config(DEMO_DEFAULTS, None, ["sampler.steps=2"]), tmp_path, torch.device("cpu"),
+                      ["a red circle"], log=lambda _: None)
+    ctx.artifacts["step-aware"] = scorer_dir
+    spo.demo_stage(ctx)
+    images = ctx.generators["SPO"](["a red circle"], [0])
+    assert images.shape == (1, 3, 32, 32) and ctx.generators["SPO"].nfe == 4
+    assert ctx.artifacts["spo"] == tmp_path / "spo" / "model"
+
+
+# ------------------------------------------------------------------------------------------- rectified flow
+def _flow_model(family: str):
+    """Tiny random-weight rectified-flow models: SD3 / FLUX structures (latents [4, 8, 8]), the shapes teacher's
+    UNet with the flow schedule (arch.family=flow, pixels [3, 32, 32]) and an unshifted 8×8 pixel flow model."""
+    from prefalign.config import deep_merge
+    from prefalign.diffusion.models import DiffusionModel
+    from prefalign.diffusion.schedules import FlowSchedule
+    from prefalign.shapes.teacher import DEFAULT_ARCH, build_teacher
+
+    if family == "flow-teacher":
+        return build_teacher(deep_merge(DEFAULT_ARCH, {
+            "family": "flow", "unet": {"block_out_channels": [8, 8, 16, 16], "attention_head_dim": 8},
+            "text": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}}))
+    if family == "flow-pixel":
+        pixel = tiny_pipeline("pixel", sample_size=8)
+        return DiffusionModel(pixel.denoiser, FlowSchedule(), "flow_prediction", list(pixel.text_encoders),
+                              pixel.tokenizers)
+    return tiny_pipeline(family, sample_size=8)
+
+
+def test_flow_pool_shares_x_t_and_branches_the_final_step():
+    """Flow-GRPO's SDE step (η = noise level 0.7) on an unshifted 10-step grid t = σ·T = 1000, 889, …, 112, 1: the
+    range [0, 750] branches x_t at 667 … 1, including the last step to σ = 0 (its std is not zero)."""
+    from prefalign.diffusion.generate import timestep_pairs, transition
+
+    model = _flow_model("flow-pixel")
+    kw = model.sampler_kwargs()
+    grid = timestep_pairs(model.schedule, 10, **kw)
+    branch = [t for t, _ in grid if t <= 750]
+    assert len(branch) == 7 and grid[-1][1] == 0
+    cond, uncond = model.encode_prompts(PROMPTS), model.encode_prompts([""] * len(PROMPTS))
+
+    def denoise(x, t):
+        rows = torch.arange(x.shape[0]) % len(PROMPTS)
+        return model.guided(x, t, cond.index(rows), uncond.index(rows), 3.0)
+
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(len(PROMPTS), *model.sample_shape, generator=g)
+    pairs, stats = sample_step_pairs(denoise, model.decode, lambda images, t, i: 20 * images.mean(dim=(1, 2, 3)),
+                                     x_T, model.schedule, 10, 3, -1.0, eta=0.7, timestep_range=(0, 750),
+                                     generator=g, **kw)
+    B, k = len(PROMPTS), 3
+    assert pairs.t.dtype == torch.float32 and sorted(set(pairs.t.tolist()), reverse=True) == branch
+    assert len(pairs) == stats.considered == B * 7 and 0.0 in pairs.prev_t.tolist()
+    assert stats.denoiser_rows == B * (1 + 3) + B * k * (7 - 1)
+    with torch.no_grad():
+        step = transition(model.schedule, denoise(pairs.x_t, pairs.t), pairs.t, pairs.prev_t, pairs.x_t, 0.7, **kw)
+    for x in (pairs.x_win, pairs.x_lose):  # draws from the flow SDE's Gaussian of the shared x_t
+        assert 0.6 < float(((x - step.mean) / step.std).pow(2).mean()) < 1.6
+
+
+def test_flow_default_range_branches_15_of_20_unshifted_steps():
+    """t = σ·T ≤ 751 on FlowMatchEulerDiscreteScheduler's unshifted 20-step grid (σ = 1 … 0.001): 737 … 1."""
+    from prefalign.diffusion.generate import timestep_pairs
+    from prefalign.diffusion.schedules import FlowSchedule
+    from prefalign.train import spo
+
+    low, high = spo.DEFAULTS["sample"]["timestep_range"]
+    assert sum(low <= t <= high for t, _ in timestep_pairs(FlowSchedule(), 20)) == 15
+
+
+def test_transition_log_ratio_matches_flow_log_probs():
+    from prefalign.diffusion.generate import transition
+    from prefalign.diffusion.schedules import FlowSchedule
+
+    g = torch.Generator().manual_seed(1)
+    x_t, out, ref_out = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    t, prev_t = torch.tensor([750.0, 400.0, 100.0]), torch.tensor([600.0, 300.0, 0.0])
+    sample = transition(FlowSchedule(shift=3.0), out, t, prev_t, x_t, 0.7, generator=g)
+    ref = transition(FlowSchedule(shift=3.0), ref_out, t, prev_t, x_t, 0.7, prev_sample=sample.prev_sample)
+    ours = transition_log_ratio(sample.prev_sample, sample.mean, ref.mean, sample.std, "sum")
+    torch.testing.assert_close(ours, sample.log_prob - ref.log_prob, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("family", ["flow-pixel", "sd3"])
+def test_on_policy_flow_log_ratio_is_zero(family):
+    model = _flow_model(family)
+    policy = Policy(model, lora_rank=4, reference="adapter")
+    pairs, _, _, _ = _pool_run(model, pool_size=2, threshold=-1.0, steps=4)
+    assert len(pairs) > 0 and pairs.t.is_floating_point()
+    cond = model.encode_prompts(PROMPTS).index(pairs.prompt)
+    uncond = model.encode_prompts([""]).repeat_interleave(len(pairs))
+    lr_w, lr_l = pair_log_ratios(policy, pairs, cond, uncond, guidance=3.0, eta=1.0)
+    assert torch.equal(lr_w, torch.zeros_like(lr_w)) and torch.equal(lr_l, torch.zeros_like(lr_l))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd3", "flux", "flow-teacher"])
+def test_train_two_lora_steps_on_flow_models(tmp_path, scorer_dir, monkeypatch, family):
+    """Two optimizer steps of LoRA SPO through the loop; every step's LoRA gradients are finite, lora_B's non-zero
+    from the first step (B = 0 at the start zeroes lora_A's) and lora_A's from the second."""
+    import pandas as pd
+
+    from prefalign.train import loop
+
+    model = _flow_model(family)  # in memory: a reloaded FLUX takes FluxPipeline's 128 default size
+    monkeypatch.setattr(loop, "load_base_model", lambda spec, device: model)
+    grads, real = [], loop.make_optimizer
+
+    def recording(params, train, lr=None):
+        optimizer, names = real(params, train, lr), {id(p): n for n, p in model.denoiser.named_parameters()}
+        step = optimizer.step
+
+        def recorded(*args, **kwargs):
+            grads.append({names[id(p)]: p.grad.clone() for p in params if p.grad is not None})
+            return step(*args, **kwargs)
+
+        optimizer.step = recorded
+        return optimizer
+
+    monkeypatch.setattr(loop, "make_optimizer", recording)
+    overrides = {"model": family, "preference.checkpoint": str(scorer_dir), "data.num_prompts": 4,
+                 "policy.lora_rank": 4, "sample.steps": 4, "sample.eta": 0.7, "sample.batch_size": 2,
+                 "sample.pool_size": 2, "sample.threshold": -1.0, "sample.guidance": 3.0, "train.steps": 2,
+                 "train.batch_size": 2, "train.lr": 1e-3, "train.log_every": 1, "eval.every": 0}
+    _train(tmp_path, [f"{k}={v}" for k, v in overrides.items()])
+    assert len(grads) == 2 and all("lora_" in name for g in grads for name in g)
+    assert all(torch.isfinite(v).all() for g in grads for v in g.values())
+    nonzero = [{name.split("lora_")[1][0] for name, v in g.items() if v.abs().sum() > 0} for g in grads]
+    assert nonzero == [{"B"}, {"A", "B"}]
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert metrics["step"].tolist() == [1, 2] and metrics["loss"].notna().all() and metrics["pairs"].iloc[0] > 0
