@@ -89,7 +89,7 @@ def report(out: Path) -> str:
                          f"{s['steps'] / s['train_cpu_seconds']:.2f} | {s['steps_per_second']:.2f} | "
                          f"{s['peak_memory_mb']:.0f} |")
     if "step_aware" in summaries:
-        curve = pd.read_csv(out / "step_aware" / "metrics.csv")
+        curve = pd.read_csv(out / "step_aware" / "eval.csv")
         lines += ["", "Step-aware training curve (accuracy vs noiseless per bucket):", "",
                   "| step | " + " | ".join(f"t={t}" for t in BUCKETS) + " |", "|---" * (len(BUCKETS) + 1) + "|"]
         lines += [f"| {int(r['step'])} | " + " | ".join(f"{r[f'acc_true_t{t}']:.3f}" for t in BUCKETS) + " |"

@@ -432,7 +432,7 @@ def shapes_pretrain(
 
 LABELS_DEFAULTS: dict = {
     "seed": 0, "out": None, "n_pairs": 2000, "val_pairs": 500, "temperature": 0.05, "tie_margin": 0.02,
-    "source": "web",
+    "source": "web", "group_size": None,
 }
 
 
@@ -445,14 +445,20 @@ def shapes_labels(
     out: OutOpt = None,
     show_config: ShowConfigOpt = False,
 ) -> None:
-    """Write Pick-a-Pic-format train and validation splits with simulated Bradley–Terry labels from the oracle
-    (no --device: it runs on the CPU)."""
+    """Write Pick-a-Pic-format train and validation splits with simulated Bradley–Terry labels from the oracle,
+    or with group_size=K ranked groups of K images per prompt (no --device: it runs on the CPU)."""
     from prefalign.runs import start_run
     from prefalign.schemas import LABELS
-    from prefalign.shapes.labels import make_preference_splits
+    from prefalign.shapes.labels import make_preference_splits, make_ranked_splits
 
     cfg = resolve("shapes labels", LABELS_DEFAULTS, LABELS, config, overrides, show_config, seed=seed, out=_path(out))
     cfg, run_dir = start_run(cfg, None, None)
+    if cfg["group_size"]:
+        for path, n in zip(make_ranked_splits(run_dir, cfg["n_pairs"], cfg["val_pairs"], cfg["group_size"],
+                                              cfg["seed"], cfg["temperature"], cfg["tie_margin"], cfg["source"]),
+                           (cfg["n_pairs"], cfg["val_pairs"]), strict=False):
+            typer.echo(f"{path.stem}: {n} ranked groups of {cfg['group_size']} images written to {path}")
+        return
     for info in make_preference_splits(run_dir, cfg["n_pairs"], cfg["val_pairs"], cfg["seed"], cfg["temperature"],
                                        cfg["tie_margin"], cfg["source"]):
         typer.echo(f"{info.split}: {info.n_pairs} pairs written to {info.path} (ties {info.tie_fraction:.1%}, "

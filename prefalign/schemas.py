@@ -163,9 +163,11 @@ TRAIN_REWARD: Schema = {
     **RUN, **LOG,
     **{k: v for k, v in _optimiser().items() if k in (
         "train.steps", "train.batch_size", "train.grad_accum", "train.lr", "train.lr_schedule", "train.warmup_steps",
-        "train.weight_decay", "train.grad_clip", "train.mixed_precision", "train.checkpoint_every")},
+        "train.weight_decay", "train.grad_clip", "train.mixed_precision", "train.ema_decay", "train.log_every",
+        "train.checkpoint_every")},
     "data.source": Field("preference pairs: shapes:web?n=N&seed=S, a Pick-a-Pic directory/parquet or a "
-                         "`shapes labels` directory"),
+                         "`shapes labels` directory; ranked groups (loss.kind=plackett_luce): shapes:web?n=N&k=K&seed=S "
+                         "or a folder with train.jsonl (prefalign/train/preference_groups.py)"),
     "data.split": Field("training split"),
     "data.val_source": Field("validation pairs; null: data.source", type=str),
     "data.val_split": Field("validation split; null: hold out data.val_fraction of the training captions",
@@ -198,7 +200,7 @@ TRAIN_REWARD: Schema = {
     "loss.learn_tie_theta": Field("learn theta"),
     "loss.per_prompt_weighting": Field("weight each pair 1/n of its prompt's pairs (PickScore)"),
     "train.gradient_checkpointing": Field("recompute ViT activations in the backward pass to save memory"),
-    "eval.every": Field("validate every N steps and at the end; 0: only at the end", ge=0),
+    "eval.every": Field("validate at step 0, every N steps and at the end; 0: never", ge=0),
     "eval.batch_size": Field("pairs per validation batch", ge=1),
     "eval.timesteps": Field("noise levels of the step-aware accuracy table"),
     "eval.noise_seed": Field("seed of the validation noise", ge=0),
@@ -291,11 +293,14 @@ PRETRAIN: Schema = {
 
 LABELS: Schema = {
     **{k: RUN[k] for k in ("seed", "out")},
-    "n_pairs": Field("training pairs to write", ge=1),
-    "val_pairs": Field("validation pairs to write (from different prompts); 0: none", ge=0),
+    "n_pairs": Field("training pairs (with group_size: ranked groups) to write", ge=1),
+    "val_pairs": Field("validation pairs (groups) to write (from different prompts); 0: none", ge=0),
     "temperature": Field("Bradley-Terry temperature of the simulated labeller", gt=0),
     "tie_margin": Field("oracle gaps below this are labelled ties", ge=0),
-    "source": Field("images to compare: web (web data) or render (ideal renders with defects)"),
+    "source": Field("images to compare: web (web data), quality (renders with defects) or teacher (its samples; "
+                    "pairs only)"),
+    "group_size": Field("K >= 2: write ranked groups of K images per prompt (train-reward loss.kind=plackett_luce) "
+                        "instead of pairs; null: pairs", type=int, ge=2),
 }
 
 TRAIN_CLIP: Schema = {

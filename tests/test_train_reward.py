@@ -27,6 +27,7 @@ from prefalign.shapes.clip import load_shapes_clip
 from prefalign.shapes.labels import make_preference_dataset
 from prefalign.train import reward
 from prefalign.train.policy import load_base_model
+from prefalign.train.reward_scorer import init_from
 
 runner = CliRunner()
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "rewards"
@@ -67,21 +68,23 @@ def test_cli_nan_guard_and_exact_resume(tmp_path: Path, monkeypatch: pytest.Monk
     straight = cli("--config", str(config), "--out", str(tmp_path / "a"))
     assert straight.code == 0, straight.output
     assert "reward model written to" in straight.output
-    metrics = pd.read_csv(tmp_path / "a" / "metrics.csv")
-    assert metrics["step"].tolist() == [2, 4]
-    assert {"acc", "acc_true", "acc_t0", "acc_t900", "acc_true_t900", "train_loss"} <= set(metrics.columns)
-    assert (tmp_path / "a" / "metrics.png").stat().st_size > 0
+    evals, metrics = pd.read_csv(tmp_path / "a" / "eval.csv"), pd.read_csv(tmp_path / "a" / "metrics.csv")
+    assert evals["step"].tolist() == [0, 2, 4] and metrics["step"].tolist() == [4]
+    assert {"acc", "acc_true", "acc_t0", "acc_t900", "acc_true_t900", "val_loss"} <= set(evals.columns)
+    assert {"loss", "temperature", "lr", "compute"} <= set(metrics.columns)
+    assert evals["fb_calls"].tolist() == [0, 2 * 4 * 2, 4 * 4 * 2]  # steps × pairs × images
+    assert (tmp_path / "a" / "metrics.png").stat().st_size > 0 and (tmp_path / "a" / "eval.png").stat().st_size > 0
     summary = yaml.safe_load((tmp_path / "a" / "summary.json").read_text())
     assert 0.5 < summary["label_noise_ceiling"] < 1
 
-    # The same run, stopped by a non-finite loss at step 3, then resumed from the step-2 checkpoint.
+    # The same run, stopped by a non-finite loss at step 3 (counted from 0), then resumed from the step-2 checkpoint.
     calls = {"n": 0}
     pair_scores = reward._pair_scores
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         r0, r1 = pair_scores(*args, **kwargs)
-        return (r0 * float("nan"), r1) if calls["n"] == 3 else (r0, r1)
+        return (r0 * float("nan"), r1) if calls["n"] == 4 else (r0, r1)
 
     monkeypatch.setattr(reward, "_pair_scores", poisoned)
     stopped = cli("--config", str(config), "--out", str(tmp_path / "b"))
@@ -92,11 +95,12 @@ def test_cli_nan_guard_and_exact_resume(tmp_path: Path, monkeypatch: pytest.Monk
     assert refused.code == 2 and "pass --resume" in refused.output
     resumed = cli("--config", str(config), "--out", str(tmp_path / "b"), "--resume")
     assert resumed.code == 0, resumed.output
-    assert "resumed at step 2" in resumed.output
+    assert "at step 2" in resumed.output
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    resumed_metrics = pd.read_csv(tmp_path / "b" / "metrics.csv")
-    assert resumed_metrics.drop(columns="seconds").equals(metrics.drop(columns="seconds"))
+    for name, straight_rows in (("eval.csv", evals), ("metrics.csv", metrics)):
+        resumed_rows = pd.read_csv(tmp_path / "b" / name)
+        assert resumed_rows.drop(columns="seconds").equals(straight_rows.drop(columns="seconds")), name
 
 
 def test_lora_step_aware_vit_loads_and_scores_noisy_inputs(tmp_path: Path) -> None:
@@ -106,7 +110,7 @@ def test_lora_step_aware_vit_loads_and_scores_noisy_inputs(tmp_path: Path) -> No
            "train.gradient_checkpointing=true", "train.steps=1", "eval.every=1"]
     config, run_dir = start_run(reward.DEFAULTS, tiny_config(tmp_path), vit, out=str(tmp_path / "run"))
     scorer_dir = reward.train(config, run_dir, log=lambda _: None)
-    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)["scorer"]
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)["trainable"]["scorer"]
     assert checkpoint and all(".lora_" in k or "adaLN" in k or k.startswith("time.") for k in checkpoint)
     model = load("step-aware", checkpoint=scorer_dir)
     base = load_base_model("shapes-teacher")
@@ -139,8 +143,9 @@ def test_clean_head_on_parquet_with_held_out_captions(tmp_path: Path) -> None:
         reward.train(deep_merge(config, {"model": {"time_conditioned": True}}), tmp_path / "y", log=logs.append)
     scorer_dir = reward.train(config, tmp_path / "run", log=logs.append)
     assert any("held out" in line for line in logs)
-    row = pd.read_csv(tmp_path / "run" / "metrics.csv").iloc[-1]
-    assert 0 <= row["acc_clean"] <= 1 and row["temperature"] != 1.0  # learnable temperature moved
+    row = pd.read_csv(tmp_path / "run" / "eval.csv").iloc[-1]
+    assert 0 <= row["acc_clean"] <= 1
+    assert pd.read_csv(tmp_path / "run" / "metrics.csv").iloc[-1]["temperature"] != 1.0  # learnable temperature moved
     saved = weights(tmp_path / "run")
     shipped = load_shapes_clip().state_dict()
     frozen = [k for k in saved if k.startswith("backbone.model.")]
@@ -171,14 +176,14 @@ def test_demo_stage_records_the_scorer_and_bucket_accuracies(tmp_path: Path, mon
     # init_from maps a clean scorer into a time-conditioned one, which then equals it at every t.
     clean_dir = tmp_path / "reward" / "clean" / "scorer"
     step_aware = build_scorer("clip", "shapes-clip", time_conditioned=True)
-    reward.init_from(step_aware, clean_dir)
+    init_from(step_aware, clean_dir)
     images, prompts = torch.rand(3, 3, 32, 32), ["a red circle"] * 3
     with torch.no_grad():
         expected = load_scorer(clean_dir)(images, prompts)
         assert torch.allclose(step_aware(images, prompts, torch.tensor([0, 400, 999])), expected, atol=1e-6)
     assert not torch.allclose(expected, build_scorer("clip", "shapes-clip")(images, prompts).detach(), atol=1e-3)
     with pytest.raises(PrefalignError, match="is a clip scorer"):
-        reward.init_from(build_scorer("head", "shapes-clip"), clean_dir)
+        init_from(build_scorer("head", "shapes-clip"), clean_dir)
 
 
 @pytest.mark.slow
@@ -203,6 +208,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path: Path) -> None:
     difference = sum(float((one[k] - two[k]).square().sum()) for k in one) ** 0.5
     update = sum(float((one[k] - start[k]).square().sum()) for k in start if k in one) ** 0.5
     assert update > 0.01 and difference < 0.01 * update
+    e1, e2 = pd.read_csv(tmp_path / "one" / "eval.csv"), pd.read_csv(tmp_path / "two" / "eval.csv")
+    assert e1["acc_clean"].tolist() == e2["acc_clean"].tolist()
     m1, m2 = pd.read_csv(tmp_path / "one" / "metrics.csv"), pd.read_csv(tmp_path / "two" / "metrics.csv")
-    assert m1["acc_clean"].tolist() == m2["acc_clean"].tolist()
-    assert m1["train_loss"].tolist() == pytest.approx(m2["train_loss"].tolist(), abs=1e-4)
+    assert m1["loss"].tolist() == pytest.approx(m2["loss"].tolist(), abs=1e-4)

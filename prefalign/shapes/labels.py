@@ -289,10 +289,10 @@ def make_ranked_groups(
     split: str = "train",
     size: int = 32,
 ) -> Path:
-    """Write `out_dir/{split}.parquet` (and `{split}.json`, the settings) of `n_groups` prompts with `group_size`
-    images each, ranked by a simulated annotator; returns the parquet path (the group format of
-    `prefalign.train.preference_data`: caption, images (PNG bytes), ranks (0 = best), plus the evaluation-only
-    `oracle` scores).
+    """Write `n_groups` prompts with `group_size` images each, ranked by a simulated annotator, in the ranked-group
+    format of `prefalign.train.preference_groups`: `out_dir/{split}.jsonl` (caption, images best first as paths
+    of PNG files under `out_dir/images/`, and the evaluation-only `oracle` scores in the same order) and
+    `out_dir/{split}.json` (the settings); returns the jsonl path.
 
     Rankings are `simulate_ranking` draws from the oracle scores, so every two images of a group are ordered with
     the pairs' Bradley–Terry probability σ((s_i − s_j) / T); `tie_margin` is recorded for evaluation (noiseless
@@ -302,23 +302,44 @@ def make_ranked_groups(
         raise PrefalignError(f"ranked groups need n_groups ≥ 1, group_size ≥ 2 and temperature > 0 (got "
                              f"{n_groups}, {group_size}, {temperature})")
     if image_source not in _GROUP_IMAGES:
-        raise PrefalignError(f"image_source '{image_source}' is unknown; use one of {', '.join(_GROUP_IMAGES)}")
+        raise PrefalignError(f"image_source '{image_source}' is unknown for ranked groups; use one of "
+                             f"{', '.join(_GROUP_IMAGES)}")
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
     image_rng, rank_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
-    rows: dict[str, list] = {k: [] for k in ("caption", "images", "ranks", "oracle")}
-    for _ in range(n_groups):
+    lines = []
+    for i in range(n_groups):
         scene = sample_scene(image_rng)
         prompt = scene_to_prompt(scene)
         images = torch.stack([_GROUP_IMAGES[image_source](image_rng, scene, size) for _ in range(group_size)])
         scores = oracle(to_uint8(images).float() / 255, [prompt] * group_size)  # of the stored 8-bit images
-        rows["caption"].append(prompt)
-        rows["images"].append([_png(x) for x in images])
-        rows["ranks"].append(simulate_ranking(scores.numpy(), temperature, rank_rng).tolist())
-        rows["oracle"].append(scores.tolist())
-    frame = pd.DataFrame(rows)
-    frame["model"] = image_source
-    path = Path(out_dir) / f"{split}.parquet"
+        best_first = np.argsort(simulate_ranking(scores.numpy(), temperature, rank_rng))
+        names = [f"images/{split}-{i:06d}-{place}.png" for place in range(group_size)]
+        for name, j in zip(names, best_first, strict=True):
+            (out_dir / name).write_bytes(_png(images[j]))
+        lines.append(json.dumps({"caption": prompt, "images": names, "oracle": scores[best_first].tolist()}))
+    path = out_dir / f"{split}.jsonl"
     settings = {"path": str(path), "split": split, "n_groups": n_groups, "group_size": group_size, "seed": seed,
                 "temperature": temperature, "tie_margin": tie_margin, "image_source": image_source}
-    atomic_save(path, lambda p: frame.to_parquet(p, index=False))
-    atomic_write_text(Path(out_dir) / f"{split}.json", json.dumps(settings, indent=2) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")  # last: a run killed before it leaves no dataset
+    atomic_write_text(out_dir / f"{split}.json", json.dumps(settings, indent=2) + "\n")
     return path
+
+
+def make_ranked_splits(
+    out_dir: str | Path,
+    n_groups: int,
+    val_groups: int,
+    group_size: int,
+    seed: int,
+    temperature: float = 0.05,
+    tie_margin: float = 0.02,
+    image_source: str = "web",
+) -> list[Path]:
+    """`train` and (when `val_groups` > 0) `validation` ranked groups in `out_dir`, as `make_preference_splits`,
+    so that `prefalign train-reward loss.kind=plackett_luce data.source=<out_dir>` finds both."""
+    paths = [make_ranked_groups(out_dir, n_groups, group_size, seed, temperature, tie_margin, image_source)]
+    if val_groups > 0:
+        paths.append(make_ranked_groups(out_dir, val_groups, group_size, seed + VALIDATION_SEED_OFFSET, temperature,
+                                        tie_margin, image_source, "validation"))
+    return paths

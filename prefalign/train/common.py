@@ -6,9 +6,10 @@ Trainers stay explicit loops (torchtune style); these are the small pieces they 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -42,6 +43,21 @@ class EMA:
 
     def load_state_dict(self, shadow: Sequence[torch.Tensor]) -> None:
         self.shadow = [s.to(p.device).float() for s, p in zip(shadow, self.params, strict=True)]
+
+
+@contextlib.contextmanager
+def ema_weights(params: Sequence[torch.nn.Parameter], ema: EMA | None) -> Iterator[None]:
+    """`params` hold the EMA weights inside the block (unchanged without an EMA) and their own ones after it."""
+    backup = [p.detach().clone() for p in params] if ema else []
+    if ema:
+        ema.copy_to(params)
+    try:
+        yield
+    finally:
+        if ema:
+            with torch.no_grad():
+                for p, b in zip(params, backup, strict=True):
+                    p.copy_(b)
 
 
 def lr_at(step: int, base: float, warmup: int, total: int, schedule: str = "cosine") -> float:

@@ -6,6 +6,9 @@ precision), the LoRA or full policy and its reference, the optimizer and learnin
 clipping, EMA, the NaN guard, checkpoints with exact `--resume`, the metrics and evaluation CSVs and plots,
 compute accounting, and the saved pipeline.
 
+`train_loop` is the loop itself, for anything `Trainable`; `train_policy` runs it on a diffusion policy, and
+`prefalign.train.reward` on a preference scorer.
+
 Exact resume: every random draw of a step comes from `generator`, seeded by (seed, step); a method that keeps
 state between steps (an auxiliary network, a sampled round) returns it from `state_dict`, and the loop checkpoints
 it beside the policy.
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -51,7 +56,7 @@ class MicroBatch:
 
 @dataclass
 class Method:
-    """What a training method supplies to `train_policy`."""
+    """What a training method supplies to `train_policy` (or `train_loop`)."""
 
     name: str  # log prefix and file titles, e.g. "dpo"
     title: str  # plot titles, e.g. "Diffusion-DPO"
@@ -86,6 +91,57 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], train: Mapping, lr: flo
                              eps=train.get("adam_eps", 1e-8), weight_decay=train.get("weight_decay", 0.0))
 
 
+class Trainable(Protocol):
+    """What `train_loop` trains: a `Policy` (`train_policy`), or a reward scorer (`prefalign.train.reward`)."""
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
+
+    def prepare(self, accelerator, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Wrap the network (DDP/FSDP per the accelerate launch) and the optimizer; returns the optimizer."""
+
+    def trainable_state(self) -> dict: ...
+
+    def load_trainable_state(self, state: dict) -> None: ...
+
+    def evaluation(self, accelerator, ema: EMA | None) -> AbstractContextManager:
+        """The plain network in eval mode with the EMA weights (when `ema`), restored for training afterwards."""
+
+    def train(self) -> None:
+        """Put the network in training mode."""
+
+    def save(self, out_dir: Path) -> None:
+        """Write the trained model to `out_dir` (main process, inside `evaluation`)."""
+
+
+@dataclass
+class Evaluation:
+    """Periodic evaluation for `train_loop`, at step 0, every `eval.every` steps and at the end (0: never):
+    `score(model)` runs on every process with the evaluation weights and returns the eval.csv row (None: none on
+    this process); `plot(csv, png)` draws eval.png on the main process; `shown` columns go to the log line."""
+
+    score: Callable[[object], Mapping[str, float] | None]
+    plot: Callable[[Path, Path], None]
+    shown: Sequence[str] = ()
+
+
+class PolicyTrainable:
+    """A `Policy` as a `Trainable`, saved as a pipeline directory (LoRA merged) in `save_dtype`."""
+
+    def __init__(self, policy: Policy, save_dtype: str | None = None) -> None:
+        self.policy, self.dtype = policy, getattr(torch, save_dtype) if save_dtype else None
+        self.trainable_parameters, self.prepare = policy.trainable_parameters, policy.prepare
+        self.trainable_state, self.load_trainable_state = policy.trainable_state, policy.load_trainable_state
+
+    def evaluation(self, accelerator, ema: EMA | None) -> AbstractContextManager:
+        return evaluation_weights(self.policy, accelerator, ema)
+
+    def train(self) -> None:
+        self.policy.model.train(True)
+
+    def save(self, out_dir: Path) -> None:
+        self.policy.save_pretrained(out_dir, self.dtype)
+
+
 def train_policy(config: dict, run_dir: Path, build: Callable[[Run], Method], log: Callable[[str], None] = print,
                  output: str = "model") -> Path:
     """Train the policy of `config["policy"]` on `config["model"]` with the method `build(run)` returns; returns
@@ -95,28 +151,51 @@ def train_policy(config: dict, run_dir: Path, build: Callable[[Run], Method], lo
     held-out prompts at step 0, every `eval.every` steps and at the end, against compute) and checkpoint.pt
     (every `train.checkpoint_every` steps and at the end; `resume: true` continues it exactly).
     """
+    ev, pol = config["eval"], config["policy"]
+
+    def load(device: torch.device) -> PolicyTrainable:
+        return PolicyTrainable(Policy(load_base_model(config["model"], device), pol["lora_rank"], pol["lora_alpha"],
+                                      pol["lora_targets"], pol["reference"]), config.get("save_dtype"))
+
+    def setup(trainable: PolicyTrainable, accelerator, say: Callable[[str], None]) -> tuple[Method, Evaluation | None]:
+        method = build(Run(config, run_dir, accelerator, trainable.policy, say))
+        prompts = load_prompts(ev["prompts"], ev["num_prompts"]) if ev["every"] else []
+        rewards = load_eval_rewards(config, accelerator.device) if accelerator.is_main_process and prompts and \
+            ev["rewards"] else {}
+        if not rewards:
+            return method, None
+        title = f"{method.title}: held-out rewards vs training compute (forward-equivalents)"
+        return method, Evaluation(lambda model: (method.evaluate or evaluate)(model, prompts, rewards, ev),
+                                  lambda csv, png: plot_metrics(csv, png, list(rewards), x="compute", title=title),
+                                  list(rewards))
+
+    return train_loop(config, run_dir, load, setup, log, output)
+
+
+def train_loop(config: dict, run_dir: Path, load: Callable[[torch.device], Trainable],
+               setup: Callable[[Trainable, object, Callable[[str], None]], tuple[Method, Evaluation | None]],
+               log: Callable[[str], None] = print, output: str = "model") -> Path:
+    """The loop itself: `load(device)` gives the trainable, `setup(trainable, accelerator, log)` the method and its
+    evaluation; returns `run_dir/output`, where `trainable.save` wrote the model (EMA weights when
+    `train.ema_decay` is set). Files as `train_policy`."""
     tr, ev = config["train"], config["eval"]
     accelerator = make_accelerator(config, accumulation_steps=1)  # methods split their steps into micro-batches
     main = accelerator.is_main_process
     say = log if main else (lambda _: None)
     checkpoint = Checkpoint(run_dir, bool(config.get("resume")))
     state = checkpoint.load()  # first: an existing run without --resume fails before any model loads
-    pol = config["policy"]
-    policy = Policy(load_base_model(config["model"], accelerator.device), pol["lora_rank"], pol["lora_alpha"],
-                    pol["lora_targets"], pol["reference"])
-    params = policy.trainable_parameters()
-    optimizer = policy.prepare(accelerator, make_optimizer(params, tr))
+    trainable = load(accelerator.device)
+    params = trainable.trainable_parameters()
+    optimizer = trainable.prepare(accelerator, make_optimizer(params, tr))
     ema = EMA(params, tr["ema_decay"]) if tr.get("ema_decay") else None
-    method = build(Run(config, run_dir, accelerator, policy, say))
-    prompts = load_prompts(ev["prompts"], ev["num_prompts"]) if ev["every"] else []
-    rewards = load_eval_rewards(config, accelerator.device) if main and prompts and ev["rewards"] else {}
+    method, evaluation = setup(trainable, accelerator, say)
 
     metrics = MetricsLog(run_dir / "metrics.csv", main)
     evals = MetricsLog(run_dir / "eval.csv", main)
     counters = {"fwd_calls": 0, "fb_calls": 0, "seconds": 0.0}
     window: list[Mapping[str, float]] = []
     if state is not None:
-        policy.load_trainable_state(state["trainable"])
+        trainable.load_trainable_state(state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         if ema:
             ema.load_state_dict(state["ema"])
@@ -128,19 +207,21 @@ def train_policy(config: dict, run_dir: Path, build: Callable[[Run], Method], lo
     evals.truncate(start)
 
     def record_eval(step: int) -> None:
-        if rewards:
-            with evaluation_weights(policy, accelerator, ema) as model:
-                row = (method.evaluate or evaluate)(model, prompts, rewards, ev)
-            evals.append({"step": step, **compute_row(counters), **row})
-            plot_metrics(run_dir / "eval.csv", run_dir / "eval.png", list(rewards), x="compute",
-                         title=f"{method.title}: held-out rewards vs training compute (forward-equivalents)")
-            say(f"[{method.name}] step {step}: " + ", ".join(f"{k} {row[k]:.4g}" for k in rewards))
+        if evaluation:
+            with trainable.evaluation(accelerator, ema) as model:
+                row = evaluation.score(model)
+            if row is not None:
+                evals.append({"step": step, **compute_row(counters), **row})
+                if main:
+                    evaluation.plot(run_dir / "eval.csv", run_dir / "eval.png")
+                say(f"[{method.name}] step {step}: " + ", ".join(f"{k} {row[k]:.4g}" for k in evaluation.shown
+                                                                 if k in row))
         accelerator.wait_for_everyone()
 
     if start == 0 and ev["every"]:
         record_eval(0)
     clock = time.time() - counters["seconds"]
-    policy.model.train(True)
+    trainable.train()
     for step in track(range(start, steps), method.title, total=steps - start):
         lr = lr_at(step, tr["lr"], tr["warmup_steps"], steps, tr["lr_schedule"])
         for group in optimizer.param_groups:
@@ -172,7 +253,7 @@ def train_policy(config: dict, run_dir: Path, build: Callable[[Run], Method], lo
         if ev["every"] and (done % ev["every"] == 0 or done == steps):
             record_eval(done)
         if done % tr["checkpoint_every"] == 0 or done == steps:
-            checkpoint.save({"step": done, "trainable": policy.trainable_state(), "optimizer": optimizer.state_dict(),
+            checkpoint.save({"step": done, "trainable": trainable.trainable_state(), "optimizer": optimizer.state_dict(),
                              "ema": ema.state_dict() if ema else [], "method": method.state_dict(),
                              "window": window, **counters}, accelerator)
     if main and metrics.rows:
@@ -180,8 +261,8 @@ def train_policy(config: dict, run_dir: Path, build: Callable[[Run], Method], lo
                      title=f"{method.title} training")
     out_dir = run_dir / output
     if main:
-        with evaluation_weights(policy, accelerator, ema):
-            policy.save_pretrained(out_dir, getattr(torch, config["save_dtype"]) if config.get("save_dtype") else None)
+        with trainable.evaluation(accelerator, ema):
+            trainable.save(out_dir)
         if method.on_save:
             method.on_save(out_dir)
     accelerator.wait_for_everyone()

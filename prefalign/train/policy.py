@@ -18,6 +18,7 @@ import torch
 from prefalign.diffusion.models import Conditioning, DiffusionModel
 from prefalign.diffusion.models import load_model as load_base_model
 from prefalign.errors import PrefalignError
+from prefalign.train.common import ema_weights
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 __all__ = ["DEFAULT_LORA_TARGETS", "Policy", "evaluation_weights", "load_base_model"]
@@ -163,18 +164,12 @@ class Policy:
 def evaluation_weights(policy: Policy, accelerator, ema) -> Iterator:
     """The policy's model in eval mode with its plain (not DDP-wrapped) denoiser and, with EMA, the EMA weights;
     everything is restored afterwards."""
-    model, params = policy.model, policy.trainable_parameters()
-    wrapped, backup = model.denoiser, [p.detach().clone() for p in params] if ema else []
+    model, wrapped = policy.model, policy.model.denoiser
     model.denoiser = accelerator.unwrap_model(wrapped)
-    if ema:
-        ema.copy_to(params)
     model.train(False)
     try:
-        yield model
+        with ema_weights(policy.trainable_parameters(), ema):
+            yield model
     finally:
-        if ema:
-            with torch.no_grad():
-                for p, b in zip(params, backup, strict=True):
-                    p.copy_(b)
         model.denoiser = wrapped
         model.train(True)

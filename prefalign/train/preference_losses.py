@@ -85,24 +85,28 @@ def plackett_luce_loss(
 ) -> torch.Tensor:
     """Listwise Plackett–Luce negative log-likelihood for groups of candidates of one prompt.
 
-    `scores` [G, K]; `ranks` [G, K] integer ranks (0 = best, distinct within a group; −1 marks padding of groups
+    `scores` [G, K]; `ranks` [G, K] integer places (0 = best; equal places are ties; −1 marks padding of groups
     with fewer than K candidates). log P(order) = Σ_i [s_(i) − logsumexp_{j ≥ i} s_(j)] over the first `top_k`
-    places (None: all). top_k = 1 is HPSv2's `PreferenceLoss` (cross-entropy of the best candidate over the group,
-    hpsv2/src/open_clip/loss.py); K = 2 is Bradley–Terry.
+    places (None: all). Tied candidates are each drawn from the set that still holds all of them (Breslow's tie
+    rule of the Cox partial likelihood, which is this likelihood), so a tie of two pulls their scores together.
+    top_k = 1 is HPSv2's `PreferenceLoss` (cross-entropy of the best candidate over the group,
+    hpsv2/src/open_clip/loss.py); K = 2 is Bradley–Terry, −log σ(s_w − s_l), and a tied pair of two
+    −log σ(Δ) − log σ(−Δ).
     """
     if scores.shape != ranks.shape or scores.ndim != 2:
         raise PrefalignError(f"plackett_luce_loss: scores {tuple(scores.shape)} and ranks must both be [G, K]")
     valid = ranks >= 0
     # Sort each group best-first; padding goes last and is pushed out of every normaliser by a very low (finite,
     # so that logcumsumexp's backward stays finite) score.
-    order = torch.where(valid, ranks, ranks.shape[1]).argsort(dim=1)
+    keys, order = torch.where(valid, ranks, ranks.max() + 1).sort(dim=1, stable=True)
     places = valid.gather(1, order)
     sorted_scores = scores.gather(1, order).masked_fill(~places, torch.finfo(scores.dtype).min / 4)
-    # logsumexp over the suffix j ≥ i: a reversed cumulative logsumexp.
+    # logsumexp over the suffix j ≥ i: a reversed cumulative logsumexp, taken from the first place of i's tie.
     suffix = sorted_scores.flip(1).logcumsumexp(dim=1).flip(1)
+    first = (keys.unsqueeze(1) < keys.unsqueeze(2)).sum(2)  # candidates strictly better than each one
     if top_k is not None:
-        places = places & (torch.arange(scores.shape[1], device=scores.device) < top_k)
-    terms = torch.where(places, sorted_scores - suffix, torch.zeros_like(scores))
+        places = places & (first < top_k)
+    terms = torch.where(places, sorted_scores - suffix.gather(1, first), torch.zeros_like(scores))
     return weighted_mean(-terms.sum(1), weight)
 
 
@@ -166,7 +170,8 @@ class PreferenceLoss(_Tempered):
             raise PrefalignError(f"loss.tie_theta must be > 1 (got {tie_theta})")
         super().__init__(temperature, learn_temperature)
         self.kind = kind
-        self.tie_rho = nn.Parameter(torch.tensor(math.log(tie_theta - 1)), requires_grad=learn_tie_theta)
+        # θ only enters btt; a parameter that never gets a gradient would stall DDP's gradient averaging.
+        self.tie_rho = nn.Parameter(torch.tensor(math.log(tie_theta - 1)), requires_grad=learn_tie_theta and kind == "btt")
 
     @property
     def tie_theta(self) -> float:

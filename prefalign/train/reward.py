@@ -9,14 +9,18 @@ step by the frozen base model with CFG, decoded, and scored together with t (`no
 
 Loss (`loss.*`): PickScore's soft-label cross-entropy by default, Bradley–Terry without ties, or Bradley–Terry
 with ties; or, with `loss.kind=plackett_luce`, the Plackett–Luce likelihood of ranked groups (k images per
-prompt, the group format of `prefalign.train.preference_data`; `loss.top_k` places, 1 = HPSv2's best-of-group
-loss); fixed or learnable temperature; per-prompt 1/n weights (PickScore). Evaluation every `eval.every` steps
-on the validation split at the timestep buckets `eval.timesteps` (fixed noise per row and bucket): pairwise
-accuracy (over every two images of a group) against the dataset labels (`acc*`) and, for the shapes world,
-against the oracle's noiseless preference (`acc_true*`); ties in the label are excluded from both. Results:
-metrics.csv, metrics.png, summary.json (with the label-noise ceiling of the validation pairs when the data carry
-oracle scores) and the scorer directory `scorer/` (loads with `prefalign.rewards.load("step-aware" or "trained",
-checkpoint=DIR)`).
+prompt, ties allowed; the format of `prefalign.train.preference_groups`; `loss.top_k` places, 1 = HPSv2's
+best-of-group loss); fixed or learnable temperature; per-prompt 1/n weights (PickScore).
+
+The loop is `prefalign.train.loop.train_loop` (optimizer, schedule, clipping, EMA, NaN guard, exact resume) with
+the scorer and its loss as the trainable. Files: metrics.csv/png (training loss and temperature every
+`train.log_every` steps), eval.csv/png (at step 0, every `eval.every` steps and at the end, on the validation
+split at the timestep buckets `eval.timesteps`, fixed noise per row and bucket: pairwise accuracy, over every two
+images of a group, against the dataset labels (`acc*`) and, for the shapes world, against the oracle's noiseless
+preference (`acc_true*`), ties in the label excluded from both; and the validation loss), summary.json (with the
+label-noise ceiling of the validation pairs when the data carry oracle scores) and the scorer directory `scorer/`
+(loads with `prefalign.rewards.load("step-aware" or "trained", checkpoint=DIR)`). Compute: `fb_calls` counts
+scored images, `fwd_calls` the base model's denoiser rows for the x̂0 inputs.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -33,22 +37,20 @@ import torch
 from prefalign.config import deep_merge
 from prefalign.errors import PrefalignError
 from prefalign.io import atomic_path, atomic_write_text
-from prefalign.progress import track
 from prefalign.rewards.step_aware import predict_x0_images
-from prefalign.rewards.trainable import build_scorer, load_scorer, save_scorer
 from prefalign.runs import prepare_run_dir
-from prefalign.train.common import Checkpoint, MetricsLog, check_finite, lr_at, make_accelerator
+from prefalign.train.common import MetricsLog
+from prefalign.train.loop import Evaluation, Method, MicroBatch, train_loop
 from prefalign.train.policy import load_base_model
 from prefalign.train.preference_data import (
     SHAPES_SPLIT_SEED_OFFSET,
-    GroupBatch,
-    GroupData,
     PairBatch,
     PreferenceData,
-    load_group_data,
     load_preference_data,
 )
-from prefalign.train.preference_losses import PlackettLuceLoss, PreferenceLoss, pairwise_accuracy
+from prefalign.train.preference_groups import GroupBatch, GroupData, load_group_data
+from prefalign.train.preference_losses import pairwise_accuracy
+from prefalign.train.reward_scorer import ScorerAndLoss, ScorerTrainable, make_loss, make_scorer
 
 DEFAULTS: dict = {
     "seed": 0,
@@ -57,7 +59,7 @@ DEFAULTS: dict = {
     "resume": False,
     "log": {"with": None, "project": None},  # experiment tracker: tensorboard | wandb (train.common.make_accelerator)
     "data": {
-        "source": "shapes:web?n=4000&seed=0",  # see prefalign/train/preference_data.py
+        "source": "shapes:web?n=4000&seed=0",  # see prefalign/train/preference_data.py and preference_groups.py
         "split": "train",
         "val_source": None,  # None: data.source
         "val_split": "validation",  # None: hold out data.val_fraction of the training captions
@@ -83,7 +85,7 @@ DEFAULTS: dict = {
     },
     "loss": {
         # soft (PickScore, ties as 0.5/0.5) | bt (ties dropped) | btt (Bradley–Terry with ties) on pairs;
-        # plackett_luce on ranked groups (data in the group format, see prefalign/train/preference_data.py)
+        # plackett_luce on ranked groups (data in the group format, see prefalign/train/preference_groups.py)
         "kind": "soft",
         "top_k": None,  # plackett_luce: the first top_k places of each ranking (None: all; 1: best of the group)
         "temperature": 1.0,
@@ -103,10 +105,12 @@ DEFAULTS: dict = {
         "grad_clip": 1.0,
         "mixed_precision": "no",  # no | fp16 | bf16
         "gradient_checkpointing": False,  # ViT backbones
+        "ema_decay": None,
+        "log_every": 10,
         "checkpoint_every": 100,
     },
     "eval": {
-        "every": 100,
+        "every": 100,  # evaluate at step 0, every N steps and at the end; 0 = never
         "batch_size": 128,
         "timesteps": [0, 250, 500, 750, 950],  # used when a base model is set; otherwise clean images only
         "noise_seed": 1,
@@ -148,31 +152,6 @@ def x0_shape(base_model, images: torch.Tensor) -> tuple[int, int, int]:
     return base_model.sample_shape[0], images.shape[-2] // f, images.shape[-1] // f
 
 
-def init_from(scorer, folder: str | Path) -> None:
-    """Load a trained scorer's weights into `scorer` (same kind and backbone), as SPO starts its step-aware model
-    from PickScore. A clean source fits a time-conditioned target: the wrappers that time conditioning puts around
-    blocks and norms (modules with an `adaLN_modulation`) are mapped back to the wrapped module's own names, and
-    the parts the source lacks (timestep embedder, modulations) keep their identity initialisation."""
-    source = load_scorer(folder)
-    if (source.spec["kind"], source.spec["backbone"]) != (scorer.spec["kind"], scorer.spec["backbone"]):
-        raise PrefalignError(f"model.init_from {folder} is a {source.spec['kind']} scorer on {source.spec['backbone']};"
-                             f" this run builds a {scorer.spec['kind']} scorer on {scorer.spec['backbone']}")
-    wrapped = {f"{name}.{child}." for name, module in scorer.named_modules() if hasattr(module, "adaLN_modulation")
-               for child, _ in module.named_children() if child != "adaLN_modulation"}
-    state, target = source.state_dict(), scorer.state_dict()
-    loaded = {}
-    for key in target:
-        prefix = next((w for w in wrapped if key.startswith(w)), None)
-        clean = key if key in state or prefix is None else prefix.rsplit(".", 2)[0] + "." + key[len(prefix):]
-        if clean in state:
-            loaded[key] = state.pop(clean)
-    added = [k for k in target if k not in loaded and not k.startswith("time.") and "adaLN_modulation" not in k]
-    if state or added:
-        raise PrefalignError(f"model.init_from {folder} does not fit this scorer (unmatched: "
-                             f"{sorted(state)[:2] or added[:2]}); was it trained with other backbone options?")
-    scorer.load_state_dict(loaded, strict=False)
-
-
 def _load_data(config: dict, log: Callable[[str], None]
                ) -> tuple[PreferenceData | GroupData, PreferenceData | GroupData]:
     data = config["data"]
@@ -193,33 +172,18 @@ def _load_data(config: dict, log: Callable[[str], None]
     return train, val
 
 
-def _build_scorer(config: dict, device: torch.device) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-    """The scorer of `config["model"]` on `device` in train mode, and the parameters that train."""
-    model_cfg = config["model"]
-    scorer = build_scorer(model_cfg["kind"], model_cfg["backbone"], model_cfg["checkpoint"],
-                          time_conditioned=model_cfg["time_conditioned"], **model_cfg.get("options", {}))
-    if model_cfg["init_from"]:
-        init_from(scorer, model_cfg["init_from"])
-    mode = model_cfg["train"] or ("full" if model_cfg["kind"] == "clip" else "frozen")
-    params = scorer.set_trainable(mode, model_cfg["lora_rank"], model_cfg["lora_alpha"])
-    if config["train"]["gradient_checkpointing"]:
-        scorer.set_gradient_checkpointing(True)
-    return scorer.to(device).train(), params
-
-
-def _draw(data: PreferenceData | GroupData, base, draw: int, batch_size: int, accelerator, seed: int
-          ) -> tuple[PairBatch | GroupBatch, torch.Tensor | None, torch.Tensor | None]:
+def _draw(data: PreferenceData | GroupData, base, draw: int, batch_size: int, accelerator, seed: int,
+          generator: torch.Generator) -> tuple[PairBatch | GroupBatch, torch.Tensor | None, torch.Tensor | None]:
     """This process's share of global batch number `draw`, and for step-aware training (a base model given) each
-    pair's (group's) t ~ U{0..T−1} and noise. The whole global batch is drawn on every process from the same seed,
+    pair's (group's) t ~ U{0..T−1} and noise from `generator`. The whole global batch is drawn on every process,
     and each takes its slice, so a run gives the same batches on any number of processes."""
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = slice(rank * batch_size, (rank + 1) * batch_size)
     batch = data.batch(_batch_indices(len(data), draw, batch_size * world, seed)[mine].tolist())
     if base is None:
         return batch, None, None
-    g = torch.Generator().manual_seed(seed * 1_000_003 + draw)
-    t = torch.randint(0, base.schedule.num_timesteps, (batch_size * world,), generator=g)[mine]
-    noise = torch.randn((batch_size * world, *x0_shape(base, batch.candidates)), generator=g)[mine]
+    t = torch.randint(0, base.schedule.num_timesteps, (batch_size * world,), generator=generator)[mine]
+    noise = torch.randn((batch_size * world, *x0_shape(base, batch.candidates)), generator=generator)[mine]
     return batch, t, noise
 
 
@@ -311,9 +275,9 @@ class _Evaluator:
         return images, None if bucket is None else torch.full((len(images),), bucket)
 
     @torch.no_grad()
-    def __call__(self, scorer, loss_fn) -> dict[str, float]:
-        device, row = self.accelerator.device, {}
-        scorer.eval()
+    def __call__(self, model: ScorerAndLoss) -> dict[str, float]:
+        """The eval.csv row of `model` (in eval mode), the same on every process."""
+        device, row, loss_fn = self.accelerator.device, {}, model.loss
         totals = {"acc": [], "acc_true": [], "val_loss": []}
         pair_rows, first, second, labels = self.val.pairs()  # every two candidates of a group, or the pairs
         for bucket in self.buckets:
@@ -323,7 +287,7 @@ class _Evaluator:
                 images, t = self._inputs(batch, bucket, start)
                 k = len(images) // len(batch.captions)
                 with self.accelerator.autocast():
-                    out = scorer(images.to(device), batch.captions * k, None if t is None else t.to(device))
+                    out = model(images.to(device), batch.captions * k, None if t is None else t.to(device))
                 scores.append(out.float().view(k, -1).T)
             gathered = self.accelerator.gather(torch.cat(scores)).cpu()  # [world * share, K], rows interleaved
             index = self.accelerator.gather(torch.tensor(self.rows, device=device)).cpu()
@@ -339,7 +303,6 @@ class _Evaluator:
             if "true_label_0" in labels:
                 row[f"acc_true_{name}"] = pairwise_accuracy(r0, r1, labels["true_label_0"])
                 totals["acc_true"].append(row[f"acc_true_{name}"])
-        scorer.train()
         # Every bucket has the same pairs, so the pooled accuracy is the mean over buckets.
         return {**{k: sum(v) / len(v) for k, v in totals.items() if v}, **row}
 
@@ -368,7 +331,7 @@ def label_noise_ceiling_of(data: PreferenceData | GroupData) -> float | None:
 
 
 def plot_accuracy(csv_path: Path, png_path: Path, ceiling: float | None = None) -> None:
-    """metrics.png: losses, and validation accuracy per timestep bucket against the labels and (shapes world)
+    """eval.png: the validation loss, and validation accuracy per timestep bucket against the labels and (shapes world)
     against the noiseless preference, with the label-noise ceiling as a dashed line."""
     import matplotlib
 
@@ -377,7 +340,7 @@ def plot_accuracy(csv_path: Path, png_path: Path, ceiling: float | None = None) 
 
     frame = pd.read_csv(csv_path)
     buckets = [c.removeprefix("acc_") for c in frame if c.startswith("acc_") and not c.startswith("acc_true")]
-    panels = [("loss", {c: c for c in ("train_loss", "val_loss") if c in frame}),
+    panels = [("validation loss", {f"val_loss_{b}": b for b in buckets}),
               ("accuracy vs labels", {f"acc_{b}": b for b in buckets}),
               ("accuracy vs noiseless preference", {f"acc_true_{b}": b for b in buckets if f"acc_true_{b}" in frame})]
     panels = [(title, columns) for title, columns in panels if columns]
@@ -396,104 +359,82 @@ def plot_accuracy(csv_path: Path, png_path: Path, ceiling: float | None = None) 
     plt.close(fig)
 
 
+class _RewardRun:
+    """One `train-reward` run on `train_loop`: the scorer (`load`), the data, base model, method and evaluation
+    (`setup`), and summary.json, written with the scorer."""
+
+    def __init__(self, config: dict, run_dir: Path) -> None:
+        self.config, self.run_dir, self.steps_run = config, run_dir, 0
+        self.clock, self.cpu = time.perf_counter(), time.process_time()
+
+    def load(self, device: torch.device) -> ScorerTrainable:
+        self.device = device
+        return ScorerTrainable(*make_scorer(self.config, device), make_loss(self.config["loss"]).to(device),
+                               self.scorer_meta)
+
+    def setup(self, model: ScorerTrainable, accelerator, say: Callable[[str], None]) -> tuple[Method, Evaluation]:
+        self.train_data, self.val_data = _load_data(self.config, say)
+        self.ceiling = label_noise_ceiling_of(self.val_data)
+        step_cfg = self.config["step_aware"]
+        base = load_base_model(step_cfg["base_model"], accelerator.device) if step_cfg["base_model"] else None
+        evaluation = Evaluation(_Evaluator(self.val_data, base, self.config, accelerator),
+                                lambda csv, png: plot_accuracy(csv, png, self.ceiling), ["acc", "acc_true", "val_loss"])
+        return self.method(model, base, accelerator), evaluation
+
+    def method(self, model: ScorerTrainable, base, accelerator) -> Method:
+        """The preference loss: `train.grad_accum` micro-batches of `train.batch_size` pairs (groups) per process;
+        step-aware training noises each to a t and noise drawn from the step's generator."""
+        config, data, loss_fn = self.config, self.train_data, model.module.loss
+        tr, guidance = config["train"], config["step_aware"]["guidance"]
+        accum, batch_size = int(tr["grad_accum"]), int(tr["batch_size"])
+        noised = base if config["model"]["time_conditioned"] else None
+        calls_per_image = 1 if guidance == 1 else 2  # the base model's x̂0 with CFG
+
+        def micro_batches(step: int, generator: torch.Generator) -> Iterator[MicroBatch]:
+            self.steps_run += 1
+            for micro in range(accum):
+                batch, t, noise = _draw(data, noised, step * accum + micro, batch_size, accelerator, config["seed"],
+                                        generator)
+                loss = _batch_loss(model.model, loss_fn, base, batch, t, noise, config, accelerator.device)
+                images = batch.candidates.shape[0] * batch.candidates.shape[1]
+                stats = {"loss": float(accelerator.reduce(loss.detach(), "mean")),  # of the whole global batch
+                         "temperature": loss_fn.temperature}
+                yield MicroBatch(loss / accum, stats, fb_rows=images,
+                                 fwd_rows=0 if t is None else images * calls_per_image)
+
+        return Method("train-reward", "Reward model", micro_batches, ["loss", "temperature"])
+
+    def scorer_meta(self) -> dict:
+        """What the scorer directory records (the base model the step-aware reward loads, and the summary), also
+        written to summary.json."""
+        evals, steps = self.run_dir / "eval.csv", self.config["train"]["steps"]
+        summary = {
+            "steps": steps, "data": self.config["data"]["source"], "train_pairs": len(self.train_data),
+            "val_pairs": len(self.val_data),
+            "skipped_rows": {"train": self.train_data.skipped, "validation": self.val_data.skipped},
+            "label_noise_ceiling": self.ceiling, "final": (MetricsLog(evals).rows or [{}])[-1],
+            "steps_run": self.steps_run,  # by this invocation (a resumed run continues an earlier one)
+            "steps_per_second": self.steps_run / max(time.perf_counter() - self.clock, 1e-9),
+            "train_cpu_seconds": time.process_time() - self.cpu,  # this process, evaluations included
+            "peak_memory_mb": _peak_memory_mb(self.device),
+        }
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+        step_cfg = self.config["step_aware"]
+        return {"base_model": step_cfg["base_model"], "guidance": step_cfg["guidance"], "training": summary}
+
+
 def train(config: dict, run_dir: Path, log: Callable[[str], None] = print) -> Path:
     """Train a preference scorer from `config` (see DEFAULTS) in `run_dir`; returns the scorer directory.
 
     Resumable (`resume`: checkpoint.pt every `train.checkpoint_every` steps); stops at the first non-finite loss
     naming the step and the last good checkpoint.
     """
-    accelerator = make_accelerator(config)
-    main, device = accelerator.is_main_process, accelerator.device
-    say = log if main else (lambda _: None)
-    model_cfg, tcfg, step_cfg = config["model"], config["train"], config["step_aware"]
-    if model_cfg["time_conditioned"] and not step_cfg["base_model"]:
+    if config["model"]["time_conditioned"] and not config["step_aware"]["base_model"]:
         raise PrefalignError("model.time_conditioned needs step_aware.base_model (e.g. shapes-teacher) to make "
                              "the noised x̂0 inputs; or set model.time_conditioned=false")
-    lcfg = config["loss"]
-    if lcfg["kind"] == "plackett_luce":
-        loss_fn = PlackettLuceLoss(lcfg["temperature"], lcfg["learn_temperature"], lcfg["top_k"]).to(device)
-    else:
-        loss_fn = PreferenceLoss(lcfg["kind"], lcfg["temperature"], lcfg["learn_temperature"], lcfg["tie_theta"],
-                                 lcfg["learn_tie_theta"]).to(device)
-    train_data, val_data = _load_data(config, say)
-    scorer, params = _build_scorer(config, device)
-    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
-    groups = [{"params": params, "weight_decay": tcfg["weight_decay"]}]
-    groups += [{"params": loss_params, "weight_decay": 0.0}] if loss_params else []
-    optimizer = torch.optim.AdamW(groups, lr=tcfg["lr"])
-    base = load_base_model(step_cfg["base_model"], device) if step_cfg["base_model"] else None
-    model, optimizer = accelerator.prepare(scorer, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-
-    checkpoint = Checkpoint(run_dir, bool(config.get("resume")))
-    metrics = MetricsLog(run_dir / "metrics.csv", main)
-    start, state = 0, checkpoint.load()
-    if state is not None:
-        unwrapped.load_trainable_state(state["scorer"])
-        loss_fn.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"])
-        say(f"[train-reward] resumed at step {start} from {checkpoint.path}")
-    metrics.truncate(start)
-    evaluate = _Evaluator(val_data, base, config, accelerator)
-    ceiling = label_noise_ceiling_of(val_data)
-
-    steps, accum, batch_size = tcfg["steps"], accelerator.gradient_accumulation_steps, tcfg["batch_size"]
-    seconds = metrics.rows[-1]["seconds"] if metrics.rows else 0.0
-    clock, cpu_clock = time.perf_counter(), time.process_time()
-    recent: list[float] = list(state.get("recent", [])) if state else []  # losses since the last evaluation
-    for step in track(range(start, steps), "training the reward model", total=steps - start):
-        lr = lr_at(step, tcfg["lr"], tcfg["warmup_steps"], steps, tcfg["lr_schedule"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(accum):
-            batch, t, noise = _draw(train_data, base if model_cfg["time_conditioned"] else None, step * accum + micro,
-                                    batch_size, accelerator, config["seed"])
-            with accelerator.accumulate(model):
-                loss = _batch_loss(model, loss_fn, base, batch, t, noise, config, device)
-                reduced = accelerator.reduce(loss.detach(), "mean")  # every process stops at the same step
-                check_finite(reduced, step + 1, checkpoint)
-                recent.append(float(reduced))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and loss_params and accelerator.num_processes > 1:
-                    for p in loss_params:  # the loss module is not DDP-wrapped: average its gradients here
-                        p.grad = accelerator.reduce(p.grad, "mean")
-                if accelerator.sync_gradients and tcfg["grad_clip"]:
-                    accelerator.clip_grad_norm_(params + loss_params, tcfg["grad_clip"])
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        done = step + 1
-        if done % config["eval"]["every"] == 0 or done == steps:
-            row = {"step": done, "train_loss": sum(recent) / len(recent), "lr": lr,
-                   "temperature": loss_fn.temperature, **evaluate(unwrapped, loss_fn),
-                   "seconds": seconds + time.perf_counter() - clock}
-            metrics.append(row)
-            recent.clear()
-            say(f"[train-reward] step {done}: " + ", ".join(
-                f"{k} {v:.4g}" for k, v in row.items() if k.startswith(("train_loss", "acc"))))
-            if main:
-                plot_accuracy(run_dir / "metrics.csv", run_dir / "metrics.png", ceiling)
-        if done % tcfg["checkpoint_every"] == 0 or done == steps:
-            checkpoint.save({"step": done, "scorer": unwrapped.trainable_state(), "loss": loss_fn.state_dict(),
-                             "optimizer": optimizer.state_dict(), "recent": recent}, accelerator)
-
-    summary = {
-        "steps": steps, "data": config["data"]["source"], "train_pairs": len(train_data), "val_pairs": len(val_data),
-        "skipped_rows": {"train": train_data.skipped, "validation": val_data.skipped},
-        "label_noise_ceiling": ceiling, "final": metrics.rows[-1] if metrics.rows else {},
-        "steps_run": steps - start,  # by this invocation (a resumed run continues an earlier one)
-        "steps_per_second": (steps - start) / max(time.perf_counter() - clock, 1e-9),
-        "train_cpu_seconds": time.process_time() - cpu_clock,  # this process, evaluations included
-        "peak_memory_mb": _peak_memory_mb(device),
-    }
-    out = run_dir / "scorer"
-    if main:
-        meta = {"base_model": step_cfg["base_model"], "guidance": step_cfg["guidance"], "training": summary}
-        save_scorer(unwrapped, out, meta)
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
-    accelerator.wait_for_everyone()
-    say(f"[train-reward] scorer saved to {out}" + (f"; label-noise ceiling {ceiling:.3f}" if ceiling else ""))
+    run = _RewardRun(config, run_dir)
+    out = train_loop(config, run_dir, run.load, run.setup, log, output="scorer")
+    log(f"[train-reward] scorer saved to {out}" + (f"; label-noise ceiling {run.ceiling:.3f}" if run.ceiling else ""))
     return out
 
 
