@@ -145,8 +145,8 @@ REFL: Schema = {
                              ge=0),
     "sample.eta": Field("DDIM eta (VP; 1: ReFL.py's DDPM step) or flow SDE noise level of the rollouts", ge=0),
     "sample.negative_prompt": Field("negative prompt of the unconditional branch"),
-    "backprop.mode": Field("refl: one gradient step to x0-hat at a random stop step; draft: gradient through the "
-                           "last K steps (DRaFT-K)", choices=("refl", "draft")),
+    "backprop.mode": Field("refl (one gradient step to x0-hat at a random stop step) or draft (DRaFT-K: the "
+                           "last K steps)", choices=("refl", "draft")),
     "backprop.stop_range": Field("refl: [low, high] 0-based stop steps on the sampler grid (ReFL.py: [30, 39] "
                                  "of 40)"),
     "backprop.last_k": Field("draft: K, the last sampler steps under gradient", ge=1),

@@ -188,3 +188,18 @@ def test_inconsistent_settings_fail_before_any_model_loads(overrides, message, t
         refl.train(tiny_config(tmp_path, *overrides), tmp_path, **QUIET)
     assert message in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_every_key_is_documented_and_the_shipped_configs_validate():
+    from prefalign.config import leaf_keys, render_config
+
+    keys, schema = set(leaf_keys(refl.DEFAULTS)), schemas.REFL
+    free = [f for f, field in schema.items() if field.free]
+    undocumented = [k for k in keys if not (k in schema and schema[k].doc) and not any(k.startswith(f"{f}.")
+                                                                                        for f in free)]
+    assert not undocumented and not [k for k in schema if k not in keys and not schema[k].free]
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("align_refl.yaml", "align_refl_shapes.yaml"):
+        resolve_config(refl.DEFAULTS, configs / name, [], schema=schemas.REFL, command="align --method refl")
+    full = (configs / "align_refl.yaml").read_text().split("\n", 3)[3]  # below the 3-line header
+    assert full.strip() == render_config(resolve_config(refl.DEFAULTS), schemas.REFL).strip()
