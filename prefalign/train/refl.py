@@ -124,7 +124,7 @@ def check(config: dict) -> None:
     bp, steps = config["backprop"], int(config["sample"]["steps"])
     if bp["mode"] == "draft" and not 1 <= int(bp["last_k"]) <= steps:
         raise PrefalignError(f"backprop.last_k must be between 1 and sample.steps ({steps}) for mode draft, got "
-                             f"{bp['last_k']}: with no step under gradient nothing would train")
+                             f"{bp['last_k']}")
     stop_range = bp["stop_range"]
     if bp["mode"] == "refl" and not (len(stop_range) == 2 and 0 <= stop_range[0] <= stop_range[1] < steps):
         raise PrefalignError(f"backprop.stop_range must be [low, high] with 0 <= low <= high < sample.steps "
@@ -148,7 +148,7 @@ def refl_method(run: Run) -> Method:
     def micro_batches(step: int, generator: torch.Generator):
         for _ in range(accum):
             # The global batch (prompts, x_T, stop step) comes from the step's generator, so N processes see what
-            # one would; sampler noise (η > 0) is drawn on the device from a seed of that generator.
+            # one would; sampler noise (η > 0) is drawn on the device, seeded by that generator and the process.
             picks = torch.randint(len(prompts), (batch_size * world,), generator=generator)
             x_T = torch.randn((batch_size * world, *model.sample_shape), generator=generator)
             grad_from, stop = grad_window(config, generator)
