@@ -185,6 +185,7 @@ def test_bad_values_are_one_line_schema_errors(override, message, tmp_path):
     (("backprop.mode=draft", "backprop.last_k=5"), "backprop.last_k must be between 1 and sample.steps (4)"),
     (("backprop.stop_range=[2,4]",), "backprop.stop_range must be [low, high] with 0 <= low <= high < sample.steps"),
     (("backprop.stop_range=[3,1]",), "backprop.stop_range must be [low, high]"),
+    (("backprop.stop_range=[0.5,2]",), "backprop.stop_range must be [low, high]"),
 ])
 def test_inconsistent_settings_fail_before_any_model_loads(overrides, message, tmp_path):
     with pytest.raises(PrefalignError) as error:

@@ -126,7 +126,8 @@ def check(config: dict) -> None:
         raise PrefalignError(f"backprop.last_k must be between 1 and sample.steps ({steps}) for mode draft, got "
                              f"{bp['last_k']}")
     stop_range = bp["stop_range"]
-    if bp["mode"] == "refl" and not (len(stop_range) == 2 and 0 <= stop_range[0] <= stop_range[1] < steps):
+    valid = isinstance(stop_range, list | tuple) and len(stop_range) == 2 and all(isinstance(v, int) for v in stop_range)
+    if bp["mode"] == "refl" and not (valid and 0 <= stop_range[0] <= stop_range[1] < steps):
         raise PrefalignError(f"backprop.stop_range must be [low, high] with 0 <= low <= high < sample.steps "
                              f"({steps}), got {stop_range}")
 
