@@ -128,6 +128,30 @@ SPO: Schema = {
     "train.logprob": Field("mean (official) or sum of the transition log-density", choices=("mean", "sum")),
 }
 
+REFL: Schema = {
+    **RUN, **LOG, **_optimiser(), **_policy(), **_sampled_eval(),
+    "policy.reference": Field("frozen reference: none (the loss needs none), copy or adapter",
+                              choices=("none", "copy", "adapter")),
+    "data.prompts": Field("training prompts: shapes-train, shapes-val or a prompt file"),
+    "data.num_prompts": Field("use the first N prompts; null: all", type=int, ge=1),
+    "reward.spec": Field("differentiable reward (registry name or weighted sum, e.g. 0.5*hpsv2.1+aesthetic)"),
+    "reward.alpha": Field("reward weight alpha of the loss (ReFL's grad_scale)", gt=0),
+    "reward.margin": Field("null: loss -alpha*r; a number m: alpha*relu(m - r) (ReFL.py: 2 with imagereward)",
+                           type=float),
+    "reward.checkpoints": Field("reward name -> checkpoint", free=True),
+    "reward.options": Field("reward name -> {option: value}, e.g. {shapes-clip: {clip_at_zero: false}}", free=True),
+    "sample.steps": Field("sampler steps of the training rollouts", ge=1),
+    "sample.guidance": Field("classifier-free guidance scale of the rollouts (1: conditional only, as ReFL.py)",
+                             ge=0),
+    "sample.eta": Field("DDIM eta (VP; 1: ReFL.py's DDPM step) or flow SDE noise level of the rollouts", ge=0),
+    "sample.negative_prompt": Field("negative prompt of the unconditional branch"),
+    "backprop.mode": Field("refl (one gradient step to x0-hat at a random stop step) or draft (DRaFT-K: the "
+                           "last K steps)", choices=("refl", "draft")),
+    "backprop.stop_range": Field("refl: [low, high] 0-based stop steps on the sampler grid (ReFL.py: [30, 39] "
+                                 "of 40)"),
+    "backprop.last_k": Field("draft: K, the last sampler steps under gradient", ge=1),
+}
+
 DIPP: Schema = {
     **RUN, **LOG,
     **{k: v for k, v in _optimiser().items() if k in (
