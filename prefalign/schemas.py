@@ -76,6 +76,7 @@ def _sampled_eval() -> dict[str, Field]:
         "eval.batch_size": Field("images per sampling call", ge=1),
         "eval.rewards": Field("rewards scored on the evaluation images (registry names)"),
         "eval.reward_checkpoints": Field("reward name -> checkpoint, e.g. {step-aware: DIR}", free=True),
+        "eval.reward_options": Field("reward name -> {option: value} for the evaluation rewards", free=True),
     }
 
 
@@ -166,6 +167,7 @@ DIPP: Schema = {
     "reward.spec": Field("reward (registry name or weighted sum, e.g. 0.5*hpsv2.1+aesthetic)"),
     "reward.alpha": Field("reward weight alpha_rew; 0 is Diff-Instruct (the reward is never loaded)", ge=0),
     "reward.checkpoints": Field("reward name -> checkpoint", free=True),
+    "reward.options": Field("reward name -> {option: value}, e.g. {shapes-clip: {clip_at_zero: false}}", free=True),
     "guidance": Field("CFG scale of the reference score", ge=0),
     "generator.t_init": Field("the one-step generator's timestep (VP: t, flow: sigma*T); null: the top, "
                               "625 for epsilon", type=float, gt=0),
@@ -180,7 +182,7 @@ DIPP: Schema = {
     "train.ikl_weighting": Field("w(t): x0 (Diff-Instruct) or dmd (normalised per sample)", choices=("x0", "dmd")),
     **{k: v for k, v in _sampled_eval().items() if k in (
         "eval.every", "eval.prompts", "eval.num_prompts", "eval.samples_per_prompt", "eval.seed", "eval.rewards",
-        "eval.reward_checkpoints")},
+        "eval.reward_checkpoints", "eval.reward_options")},
 }
 
 TRAIN_REWARD: Schema = {

@@ -155,7 +155,7 @@ def test_diff_instruct_has_no_reward_gradient_and_never_loads_the_reward(pipelin
     def no_reward(*args, **kwargs):
         raise AssertionError("Diff-Instruct must not load a reward")
 
-    monkeypatch.setattr(dipp, "load_reward", no_reward)
+    monkeypatch.setattr(dipp, "load_training_reward", no_reward)
     out, _ = _run(_config(pipelines["pixel"], tmp_path / "di", reward={"alpha": 0.0}, train={"steps": 1}))
     meta = json.loads((out / "one_step.json").read_text())
     assert meta["method"] == "diff-instruct" and meta["alpha_rew"] == 0.0 and meta["t_init"] == 625  # ε-model

@@ -253,11 +253,22 @@ FORWARD_EQUIVALENTS_PER_BACKWARD_PASS = 3
 
 
 def load_eval_rewards(config: dict, device: torch.device | str) -> dict:
-    """Rewards for evaluation from the registry, with checkpoints from `eval.reward_checkpoints`."""
+    """Rewards for evaluation from the registry (`eval.rewards`), with `eval.reward_checkpoints` and
+    `eval.reward_options` (reward name -> {option: value}) as `prefalign score` takes them."""
     from prefalign.rewards.registry import load
 
-    checkpoints = config["eval"].get("reward_checkpoints") or {}
-    return {name: load(name, checkpoint=checkpoints.get(name), device=device) for name in config["eval"]["rewards"]}
+    ev = config["eval"]
+    return {name: load(name, ev.get("reward_checkpoints") or None, device, per_reward=ev.get("reward_options"))
+            for name in ev["rewards"]}
+
+
+def load_training_reward(section: Mapping, device: torch.device | str):
+    """The frozen reward a trainer optimises, from its `reward` section: `spec` (a registry name or a weighted sum),
+    `checkpoints` (reward name -> path) and `options` (reward name -> {option: value})."""
+    from prefalign.rewards.registry import load
+
+    reward = load(section["spec"], section.get("checkpoints") or None, device, per_reward=section.get("options"))
+    return reward.requires_grad_(False)
 
 
 @torch.no_grad()

@@ -39,8 +39,7 @@ from prefalign.diffusion.one_step import (
 )
 from prefalign.diffusion.schedules import Schedule
 from prefalign.errors import PrefalignError
-from prefalign.rewards.registry import load as load_reward
-from prefalign.train.common import load_prompts, lr_at, reward_table
+from prefalign.train.common import load_prompts, load_training_reward, lr_at, reward_table
 from prefalign.train.loop import Method, MicroBatch, Run, make_optimizer, train_policy
 from prefalign.train.policy import DEFAULT_LORA_TARGETS, Policy
 
@@ -55,7 +54,7 @@ DEFAULTS: dict = {
     "prompts": "shapes-train",  # shapes-train / shapes-val / a prompt file
     # α_rew = reward.alpha (0: Diff-Instruct; the reward is then never loaded). spec: any registry reward or
     # weighted sum, e.g. "shapes-clip", "trained" with checkpoints {trained: DIR}, "0.5*hpsv2.1+aesthetic".
-    "reward": {"spec": "shapes-clip", "alpha": 1.0, "checkpoints": {}},
+    "reward": {"spec": "shapes-clip", "alpha": 1.0, "checkpoints": {}, "options": {}},
     "guidance": 3.0,  # α_cfg of the reference score s̃_ref
     # t_init None: the top of the schedule's table (VP T − 1, flow σ = 1) for v/x0/velocity prediction (x̂_0 stays
     # bounded), 625 for ε-prediction (see prefalign.diffusion.one_step.initial_timestep).
@@ -75,7 +74,8 @@ DEFAULTS: dict = {
         "log_every": 10, "checkpoint_every": 100,
     },
     "eval": {"every": 100, "prompts": "shapes-val", "num_prompts": 32, "samples_per_prompt": 2, "seed": 1234,
-             "rewards": ["shapes-oracle", "shapes-clip"], "reward_checkpoints": {}},
+             "rewards": ["shapes-oracle", "shapes-clip"], "reward_checkpoints": {},
+             "reward_options": {}},
     "save_dtype": None,  # e.g. float16 for the saved generator
 }
 
@@ -235,8 +235,7 @@ def dipp_method(run: Run) -> Method:
     _check(config, t_init, model.schedule)
     ta = TeachingAssistant(run, ta_cfg["lora_rank"], ta_cfg["lora_alpha"], ta_cfg["lr"])
     alpha_rew, spec = float(config["reward"]["alpha"]), config["reward"]["spec"]
-    reward = (load_reward(spec, config["reward"].get("checkpoints") or None, run.device).requires_grad_(False)
-              if alpha_rew else None)
+    reward = load_training_reward(config["reward"], run.device) if alpha_rew else None
     prompts, uncond = load_prompts(config["prompts"]), model.encode_prompts([""])
     world, rank, size = run.accelerator.num_processes, run.accelerator.process_index, int(tr["batch_size"])
     updates, T = int(ta_cfg["updates"]), model.schedule.num_timesteps

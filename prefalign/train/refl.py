@@ -32,8 +32,7 @@ from prefalign.diffusion.generate import timestep_pairs, transition
 from prefalign.diffusion.models import Conditioning, DiffusionModel
 from prefalign.diffusion.sampling import StepOutput
 from prefalign.errors import PrefalignError
-from prefalign.rewards.registry import load as load_reward
-from prefalign.train.common import load_prompts
+from prefalign.train.common import load_prompts, load_training_reward
 from prefalign.train.loop import Method, MicroBatch, Run, train_policy
 from prefalign.train.policy import DEFAULT_LORA_TARGETS
 
@@ -82,6 +81,7 @@ DEFAULTS: dict = {
         "batch_size": 32,
         "rewards": ["shapes-oracle", "shapes-clip"],
         "reward_checkpoints": {},  # reward name -> checkpoint, e.g. {"step-aware": DIR}
+        "reward_options": {},  # reward name -> {option: value}
     },
     "save_dtype": None,  # e.g. float16 for the saved pipeline; training keeps fp32 master weights
 }
@@ -136,8 +136,7 @@ def refl_method(run: Run) -> Method:
     """ReFL / DRaFT-K for the loop: `train.grad_accum` micro-batches of `train.batch_size` prompts per process."""
     config, accelerator, model = run.config, run.accelerator, run.policy.model
     tr, sample, rw = config["train"], config["sample"], config["reward"]
-    reward = load_reward(rw["spec"], rw["checkpoints"] or None, run.device, per_reward=rw["options"])
-    reward.requires_grad_(False)
+    reward = load_training_reward(rw, run.device)
     prompts = load_prompts(config["data"]["prompts"], config["data"]["num_prompts"])
     grid = timestep_pairs(model.schedule, int(sample["steps"]), **model.sampler_kwargs())
     uncond = model.encode_prompts([sample["negative_prompt"]])  # one row, broadcast by `guided`

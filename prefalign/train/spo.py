@@ -81,6 +81,7 @@ DEFAULTS: dict = {
         "batch_size": 32,
         "rewards": ["shapes-oracle"],
         "reward_checkpoints": {},  # reward name -> checkpoint, e.g. {"step-aware": DIR}
+        "reward_options": {},  # reward name -> {option: value}
     },
     "save_dtype": None,  # e.g. float16 for the saved pipeline; training keeps fp32 master weights
 }
