@@ -15,7 +15,7 @@ from prefalign.console import one_line
 from prefalign.demo import DEMO_DEFAULTS
 from prefalign.errors import PrefalignError
 from prefalign.rewards.score import SCORE_DEFAULTS
-from prefalign.train import dipp, dpo, reward, spo
+from prefalign.train import dipp, dpo, grpo, reward, spo
 from prefalign.train.pretrain import PRETRAIN_DEFAULTS
 
 RUNNER = CliRunner()
@@ -29,6 +29,8 @@ COMMANDS = {
                   "train.rounds"),
     "align_dipp": (["align", "--method", "dipp"], (dipp.DEFAULTS, schemas.DIPP), "train.step", "train.steps",
                    "checkpoint_every"),
+    "align_grpo": (["align", "--method", "grpo"], (grpo.DEFAULTS, schemas.GRPO), "train.step", "train.steps",
+                   "train.steps"),
     "train_reward": (["train-reward"], (reward.DEFAULTS, schemas.TRAIN_REWARD), "train.stepz", "train.steps",
                      "train.checkpoint_every"),
     "bench": (["bench", "shapes-val"], (BENCH_DEFAULTS, schemas.BENCH), "batch_sise", "batch_size", "batch_size"),
