@@ -26,6 +26,7 @@ import torch
 
 from prefalign.config import deep_merge
 from prefalign.diffusion.generate import timestep_pairs
+from prefalign.diffusion.models import Conditioning
 from prefalign.errors import PrefalignError
 from prefalign.rewards.combine import WeightedSumReward
 from prefalign.rewards.registry import load as load_reward
@@ -38,7 +39,7 @@ from prefalign.train.grpo_sampling import (
     trained_steps,
 )
 from prefalign.train.loop import Method, MicroBatch, Run, train_policy
-from prefalign.train.policy import DEFAULT_LORA_TARGETS
+from prefalign.train.policy import DEFAULT_LORA_TARGETS, Policy
 
 DEFAULTS: dict = {
     "seed": 0,
@@ -128,6 +129,28 @@ class Rewards:
         return self.sign * torch.stack([m.score(images.cpu(), prompts).float().cpu() for m in self.models], 1)
 
 
+def grpo_step(policy: Policy, rollout: Rollout, j: int, pair: tuple[float, float], advantages: torch.Tensor,
+              uncond: Conditioning, config: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of the rollout's j-th trained transition (t, prev_t) = `pair`: the policy's guided output
+    re-scores the stored x_t → x_prev; with `loss.kl_beta` > 0 the reference's output gives the KL term."""
+    model, sample, loss_cfg = policy.model, config["sample"], config["loss"]
+    kwargs, (t, prev_t), x_t = model.sampler_kwargs(), pair, rollout.x_t[j]
+    t_batch = torch.full((len(x_t),), t, device=x_t.device,
+                         dtype=torch.float32 if model.schedule.kind == "flow" else torch.long)
+    output = model.guided(x_t, t_batch, rollout.cond, uncond, sample["guidance"])
+    log_prob, step = score_transition(model.schedule, output, t, prev_t, x_t, rollout.x_prev[j], sample["eta"],
+                                      **kwargs)
+    kl = None
+    if loss_cfg["kl_beta"] > 0:
+        reference = policy.reference_guided(x_t, t_batch, rollout.cond, uncond, sample["guidance"])
+        _, reference_step = score_transition(model.schedule, reference, t, prev_t, x_t, rollout.x_prev[j],
+                                             sample["eta"], **kwargs)
+        kl = gaussian_kl(step.mean, reference_step.mean, step.std)
+    loss, stats = grpo_loss(log_prob, rollout.log_prob[j], advantages, loss_cfg["clip_range"],
+                            loss_cfg["adv_clip_max"], kl, loss_cfg["kl_beta"])
+    return loss, {"loss": float(loss.detach()), **stats}
+
+
 def grpo_method(run: Run) -> Method:
     """GRPO for the loop: per step, rollouts of whole prompt groups on each process, then one micro-batch per
     (sampling batch of `train.batch_size` rows, trained step)."""
@@ -147,7 +170,6 @@ def grpo_method(run: Run) -> Method:
     pairs = timestep_pairs(model.schedule, int(sample["steps"]), **kwargs)
     eta, guidance = float(sample["eta"]), float(sample["guidance"])
     rows = 2 if guidance != 1 and not model.strategy.embeds_guidance(model) else 1  # CFG's [uncond; cond] batch
-    kind = torch.float32 if model.schedule.kind == "flow" else torch.long
     window = [sample["sde_window_size"], *sample["sde_window_range"]]
     trained_steps(len(pairs), tr["timestep_fraction"], tr["timestep_selection"], window, torch.Generator())  # fail early
     uncond = model.encode_prompts([sample["negative_prompt"]])
@@ -184,24 +206,11 @@ def grpo_method(run: Run) -> Method:
         for b, rollout in enumerate(batches):
             adv = advantages[b * batch_size:(b + 1) * batch_size]
             for j, index in enumerate(trained):
-                t, prev_t = pairs[index]
-                x_t = rollout.x_t[j]
-                t_batch = torch.full((x_t.shape[0],), t, device=run.device, dtype=kind)
-                output = model.guided(x_t, t_batch, rollout.cond, uncond, guidance)
-                log_prob, transition = score_transition(model.schedule, output, t, prev_t, x_t, rollout.x_prev[j],
-                                                        eta, **kwargs)
-                kl = None
-                if loss_cfg["kl_beta"] > 0:
-                    reference = policy.reference_guided(x_t, t_batch, rollout.cond, uncond, guidance)
-                    _, reference_step = score_transition(model.schedule, reference, t, prev_t, x_t,
-                                                         rollout.x_prev[j], eta, **kwargs)
-                    kl = gaussian_kl(transition.mean, reference_step.mean, transition.std)
-                loss, stats = grpo_loss(log_prob, rollout.log_prob[j], adv, loss_cfg["clip_range"],
-                                        loss_cfg["adv_clip_max"], kl, loss_cfg["kl_beta"])
+                loss, stats = grpo_step(policy, rollout, j, pairs[index], adv, uncond, config)
                 first = b == 0 and j == 0  # the step's sampling forwards are counted once
-                yield MicroBatch(loss / count, {"loss": float(loss.detach()), **stats, **reward_stats},
-                                 fb_rows=len(x_t) * rows,
-                                 fwd_rows=(sampled if first else 0) + (len(x_t) * rows if kl is not None else 0))
+                reference_rows = len(adv) * rows if loss_cfg["kl_beta"] > 0 else 0
+                yield MicroBatch(loss / count, {**stats, **reward_stats}, fb_rows=len(adv) * rows,
+                                 fwd_rows=(sampled if first else 0) + reference_rows)
 
     return Method("grpo", "GRPO", micro_batches, ["reward", "reward_std", "loss", "kl", "ratio"])
 
