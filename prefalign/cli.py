@@ -100,7 +100,7 @@ def _example(command: str) -> str:
 
 
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")]
-ALIGN_METHODS = ("dpo", "spo", "dipp", "refl")
+ALIGN_METHODS = ("dpo", "spo", "dipp", "grpo", "refl")
 
 
 def _run_trainer(command: str, module_name: str, schema: Any, config: Path | None, overrides: list[str] | None,
@@ -142,7 +142,7 @@ def train_reward(
 @user_errors
 def align(
     overrides: OverridesArg = None,
-    method: Annotated[str, typer.Option("--method", help="dipp, dpo, refl or spo.")] = "dpo",
+    method: Annotated[str, typer.Option("--method", help="dipp, dpo, grpo, refl or spo.")] = "dpo",
     config: ConfigOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
@@ -150,7 +150,8 @@ def align(
     resume: ResumeOpt = False,
     show_config: ShowConfigOpt = False,
 ) -> None:
-    """Align a diffusion model: Diff-Instruct++ (dipp), Diffusion-DPO (dpo), ReFL / DRaFT-K (refl) or SPO (spo)."""
+    """Align a diffusion model with preferences or a reward: Diff-Instruct++ (dipp), Diffusion-DPO (dpo), GRPO
+    (grpo: Flow-GRPO / DanceGRPO), ReFL / DRaFT-K (refl) or SPO (spo)."""
     from prefalign import schemas
 
     if method not in ALIGN_METHODS:

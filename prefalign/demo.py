@@ -37,7 +37,7 @@ DEMO_DEFAULTS: dict = {
     "samples_per_prompt": 4,
     "sampler": {"steps": 25, "guidance": 3.0, "eta": 0.0},
     "rewards": ["shapes-oracle", "shapes-clip"],
-    "stages": ["reward", "dpo", "spo", "dipp", "leaderboard"],
+    "stages": ["reward", "dpo", "spo", "dipp", "grpo", "leaderboard"],
 }
 
 
@@ -129,6 +129,7 @@ STAGES: dict[str, Callable[[DemoContext], None] | str] = {
     "dpo": "prefalign.train.dpo:demo_stage",
     "spo": "prefalign.train.spo:demo_stage",
     "dipp": "prefalign.train.dipp:demo_stage",
+    "grpo": "prefalign.train.grpo:demo_stage",
     "leaderboard": stage_leaderboard,
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from prefalign.config import Field, Schema
 from prefalign.diffusion.timesteps import TIMESTEP_SAMPLERS
 from prefalign.diffusion.weighting import LOSS_WEIGHTINGS as WEIGHTINGS
+from prefalign.train.grpo_sampling import ADVANTAGES, TIMESTEP_SELECTIONS
 from prefalign.train.preference_losses import PAIRWISE_KINDS
 
 PRECISIONS = ("no", "fp16", "bf16")
@@ -185,6 +186,33 @@ DIPP: Schema = {
         "eval.reward_checkpoints", "eval.reward_options")},
 }
 
+GRPO: Schema = {
+    **RUN, **LOG, **_policy(), **_sampled_eval(),
+    **{k: v for k, v in _optimiser().items() if k not in ("train.batch_size", "train.grad_accum")},
+    "train.batch_size": Field("rows per process of one sampling forward and one training micro-batch", ge=1),
+    "train.timestep_fraction": Field("share of the sampler steps trained per rollout (the last step never is)",
+                                     gt=0, le=1),
+    "train.timestep_selection": Field("trained steps: first (the noisiest, Flow-GRPO) or random (DanceGRPO)",
+                                      choices=TIMESTEP_SELECTIONS),
+    "prompts": Field("training prompts: shapes-train, shapes-val or a prompt file"),
+    "reward.spec": Field("reward (registry name or weighted sum, e.g. 0.5*shapes-clip+0.5*shapes-oracle)"),
+    "reward.checkpoints": Field("reward name -> checkpoint", free=True),
+    "reward.advantage": Field("sum: normalise the weighted sum in the group; per_reward: normalise each term, "
+                              "then sum", choices=ADVANTAGES),
+    "sample.steps": Field("sampler steps of the rollouts", ge=2),
+    "sample.eta": Field("DDIM eta (VP) or SDE noise level (flow) of the rollouts; must be > 0", gt=0),
+    "sample.guidance": Field("classifier-free guidance scale of rollouts and training forwards", ge=0),
+    "sample.group_size": Field("samples per prompt (the group of the advantage)", ge=2),
+    "sample.prompts_per_step": Field("prompts per optimizer step over all processes", ge=1),
+    "sample.negative_prompt": Field("negative prompt of the unconditional branch"),
+    "sample.sde_window_size": Field("Flow-GRPO-Fast: only this many consecutive steps are stochastic and "
+                                    "trained; 0: every step is stochastic", ge=0),
+    "sample.sde_window_range": Field("[low, high]: the window lies within these steps (high null: the last)"),
+    "loss.clip_range": Field("PPO clip epsilon of the likelihood ratio", gt=0),
+    "loss.adv_clip_max": Field("clamp advantages to +- this", gt=0),
+    "loss.kl_beta": Field("weight of the KL to the reference (0: none)", ge=0),
+}
+
 TRAIN_REWARD: Schema = {
     **RUN, **LOG,
     **{k: v for k, v in _optimiser().items() if k in (
@@ -281,7 +309,7 @@ DEMO: Schema = {
     "sampler.guidance": Field("classifier-free guidance scale", ge=0),
     "sampler.eta": Field("DDIM eta (0: deterministic)", ge=0),
     "rewards": Field("rewards of the leaderboard"),
-    "stages": Field("stages to run, in order: reward, dpo, spo, dipp, leaderboard"),
+    "stages": Field("stages to run, in order: reward, dpo, spo, dipp, grpo, leaderboard"),
 }
 
 # `shapes pretrain`. `arch` is passed to diffusers/transformers as it is.

@@ -15,7 +15,7 @@ from prefalign.console import one_line
 from prefalign.demo import DEMO_DEFAULTS
 from prefalign.errors import PrefalignError
 from prefalign.rewards.score import SCORE_DEFAULTS
-from prefalign.train import dipp, dpo, refl, reward, spo
+from prefalign.train import dipp, dpo, grpo, refl, reward, spo
 from prefalign.train.pretrain import PRETRAIN_DEFAULTS
 
 RUNNER = CliRunner()
@@ -30,6 +30,8 @@ COMMANDS = {
     "align_dipp": (["align", "--method", "dipp"], (dipp.DEFAULTS, schemas.DIPP), "train.step", "train.steps",
                    "train.checkpoint_every"),
     "align_refl": (["align", "--method", "refl"], (refl.DEFAULTS, schemas.REFL), "train.stepz", "train.steps",
+                   "train.steps"),
+    "align_grpo": (["align", "--method", "grpo"], (grpo.DEFAULTS, schemas.GRPO), "train.step", "train.steps",
                    "train.steps"),
     "train_reward": (["train-reward"], (reward.DEFAULTS, schemas.TRAIN_REWARD), "train.stepz", "train.steps",
                      "train.checkpoint_every"),
