@@ -81,6 +81,15 @@ def _sampled_eval() -> dict[str, Field]:
     }
 
 
+def _reward_loading() -> dict[str, Field]:
+    """How a trainer's `reward.spec` loads: the same checkpoints and options `prefalign score` takes."""
+    return {
+        "reward.checkpoints": Field("reward name -> checkpoint", free=True),
+        "reward.options": Field("reward name -> {option: value}, e.g. {shapes-clip: {clip_at_zero: false}}",
+                                free=True),
+    }
+
+
 def _timesteps(prefix: str) -> dict[str, Field]:
     return {
         f"{prefix}.weighting": Field("loss weighting w(t): uniform, snr or min_snr (Min-SNR-gamma)", choices=WEIGHTINGS),
@@ -140,8 +149,7 @@ REFL: Schema = {
     "reward.alpha": Field("reward weight alpha of the loss (ReFL's grad_scale)", gt=0),
     "reward.margin": Field("null: loss -alpha*r; a number m: alpha*relu(m - r) (ReFL.py: 2 with imagereward)",
                            type=float),
-    "reward.checkpoints": Field("reward name -> checkpoint", free=True),
-    "reward.options": Field("reward name -> {option: value}, e.g. {shapes-clip: {clip_at_zero: false}}", free=True),
+    **_reward_loading(),
     "sample.steps": Field("sampler steps of the training rollouts", ge=1),
     "sample.guidance": Field("classifier-free guidance scale of the rollouts (1: conditional only, as ReFL.py)",
                              ge=0),
@@ -167,8 +175,7 @@ DIPP: Schema = {
     "prompts": Field("training prompts: shapes-train, shapes-val or a prompt file"),
     "reward.spec": Field("reward (registry name or weighted sum, e.g. 0.5*hpsv2.1+aesthetic)"),
     "reward.alpha": Field("reward weight alpha_rew; 0 is Diff-Instruct (the reward is never loaded)", ge=0),
-    "reward.checkpoints": Field("reward name -> checkpoint", free=True),
-    "reward.options": Field("reward name -> {option: value}, e.g. {shapes-clip: {clip_at_zero: false}}", free=True),
+    **_reward_loading(),
     "guidance": Field("CFG scale of the reference score", ge=0),
     "generator.t_init": Field("the one-step generator's timestep (VP: t, flow: sigma*T); null: the top, "
                               "625 for epsilon", type=float, gt=0),
@@ -196,7 +203,7 @@ GRPO: Schema = {
                                       choices=TIMESTEP_SELECTIONS),
     "prompts": Field("training prompts: shapes-train, shapes-val or a prompt file"),
     "reward.spec": Field("reward (registry name or weighted sum, e.g. 0.5*shapes-clip+0.5*shapes-oracle)"),
-    "reward.checkpoints": Field("reward name -> checkpoint", free=True),
+    **_reward_loading(),
     "reward.advantage": Field("sum: normalise the weighted sum in the group; per_reward: normalise each term, "
                               "then sum", choices=ADVANTAGES),
     "sample.steps": Field("sampler steps of the rollouts", ge=2),

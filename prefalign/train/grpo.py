@@ -29,8 +29,7 @@ from prefalign.diffusion.generate import timestep_pairs
 from prefalign.diffusion.models import Conditioning
 from prefalign.errors import PrefalignError
 from prefalign.rewards.combine import WeightedSumReward
-from prefalign.rewards.registry import load as load_reward
-from prefalign.train.common import load_prompts
+from prefalign.train.common import load_prompts, load_training_reward
 from prefalign.train.grpo_sampling import (
     Rollout,
     group_advantages,
@@ -50,7 +49,7 @@ DEFAULTS: dict = {
     "model": None,  # base pipeline: None / "shapes-teacher[:DIR]" (the shapes teacher) or a pipeline directory
     "prompts": "shapes-train",  # shapes-train | shapes-val | a prompt file
     # spec: a registry reward or weighted sum ("0.5*shapes-clip+0.5*aesthetic"); advantage: sum | per_reward
-    "reward": {"spec": "shapes-clip", "checkpoints": {}, "advantage": "sum"},
+    "reward": {"spec": "shapes-clip", "checkpoints": {}, "options": {}, "advantage": "sum"},
     # Flow-GRPO SD3.5: LoRA r = 32, α = 64, the reference is the base with the adapter disabled.
     "policy": {"lora_rank": 32, "lora_alpha": 64.0, "lora_targets": list(DEFAULT_LORA_TARGETS),
                "reference": "adapter"},
@@ -85,6 +84,7 @@ DEFAULTS: dict = {
         "batch_size": 32,
         "rewards": ["shapes-oracle", "shapes-clip"],
         "reward_checkpoints": {},
+        "reward_options": {},
     },
     "save_dtype": None,
 }
@@ -118,8 +118,8 @@ def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Ten
 class Rewards:
     """The training reward's terms (weight, model) and their direction, scored on decoded images."""
 
-    def __init__(self, spec: str, checkpoints: dict, device: torch.device) -> None:
-        reward = load_reward(spec, checkpoints or None, device).requires_grad_(False)
+    def __init__(self, section: dict, device: torch.device) -> None:
+        reward = load_training_reward(section, device)
         pairs = zip(reward.weights, reward.rewards, strict=True) if isinstance(reward, WeightedSumReward) else [(1.0, reward)]
         self.weights, self.models = zip(*pairs, strict=True)
         self.sign = 1.0 if reward.higher_is_better else -1.0
@@ -165,7 +165,7 @@ def grpo_method(run: Run) -> Method:
         raise PrefalignError(f"train.batch_size={batch_size} must divide the {num_prompts // world * group} samples "
                              "per process (prompts_per_step / processes × group_size)")
     prompts = load_prompts(config["prompts"])
-    rewards = Rewards(config["reward"]["spec"], config["reward"]["checkpoints"], run.device)
+    rewards = Rewards(config["reward"], run.device)
     kwargs = model.sampler_kwargs()
     pairs = timestep_pairs(model.schedule, int(sample["steps"]), **kwargs)
     eta, guidance = float(sample["eta"]), float(sample["guidance"])
