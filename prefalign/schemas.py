@@ -81,6 +81,13 @@ def _sampled_eval() -> dict[str, Field]:
     }
 
 
+def _training_prompts() -> dict[str, Field]:
+    return {
+        "data.prompts": Field("training prompts: shapes-train, shapes-val or a prompt file"),
+        "data.num_prompts": Field("use the first N prompts; null: all", type=int, ge=1),
+    }
+
+
 def _reward_loading() -> dict[str, Field]:
     """How a trainer's `reward.spec` loads: the same checkpoints and options `prefalign score` takes."""
     return {
@@ -121,8 +128,7 @@ SPO: Schema = {
                          aliases=("train.rounds",)),
     "train.warmup_steps": Field("linear learning-rate warm-up length", ge=0, aliases=("train.warmup_rounds",)),
     "preference.checkpoint": Field("step-aware preference model directory (`prefalign train-reward`)", type=str),
-    "data.prompts": Field("training prompts: shapes-train, shapes-val or a prompt file"),
-    "data.num_prompts": Field("use the first N prompts; null: all", type=int, ge=1),
+    **_training_prompts(),
     "sample.steps": Field("sampler steps of the sampled trajectories (DDIM for VP, Euler-Maruyama for flow)", ge=1),
     "sample.eta": Field("step noise: DDIM eta (1: stochastic, as SPO) or the flow SDE's noise level", ge=0),
     "sample.guidance": Field("classifier-free guidance scale while sampling", ge=0),
@@ -143,8 +149,7 @@ REFL: Schema = {
     **RUN, **LOG, **_optimiser(), **_policy(), **_sampled_eval(),
     "policy.reference": Field("frozen reference: none (the loss needs none), copy or adapter",
                               choices=("none", "copy", "adapter")),
-    "data.prompts": Field("training prompts: shapes-train, shapes-val or a prompt file"),
-    "data.num_prompts": Field("use the first N prompts; null: all", type=int, ge=1),
+    **_training_prompts(),
     "reward.spec": Field("differentiable reward (registry name or weighted sum, e.g. 0.5*hpsv2.1+aesthetic)"),
     "reward.alpha": Field("reward weight alpha of the loss (ReFL's grad_scale)", gt=0),
     "reward.margin": Field("null: loss -alpha*r; a number m: alpha*relu(m - r) (ReFL.py: 2 with imagereward)",
@@ -172,7 +177,7 @@ DIPP: Schema = {
                    type=str),
     "policy.reference": Field("s_ref: copy or adapter (the base with LoRA off); null: adapter with LoRA, else copy",
                               type=str, choices=("copy", "adapter")),
-    "prompts": Field("training prompts: shapes-train, shapes-val or a prompt file"),
+    **_training_prompts(),
     "reward.spec": Field("reward (registry name or weighted sum, e.g. 0.5*hpsv2.1+aesthetic)"),
     "reward.alpha": Field("reward weight alpha_rew; 0 is Diff-Instruct (the reward is never loaded)", ge=0),
     **_reward_loading(),
@@ -201,7 +206,7 @@ GRPO: Schema = {
                                      gt=0, le=1),
     "train.timestep_selection": Field("trained steps: first (the noisiest, Flow-GRPO) or random (DanceGRPO)",
                                       choices=TIMESTEP_SELECTIONS),
-    "prompts": Field("training prompts: shapes-train, shapes-val or a prompt file"),
+    **_training_prompts(),
     "reward.spec": Field("reward (registry name or weighted sum, e.g. 0.5*shapes-clip+0.5*shapes-oracle)"),
     **_reward_loading(),
     "reward.advantage": Field("sum: normalise the weighted sum in the group; per_reward: normalise each term, "

@@ -131,13 +131,10 @@ def test_reward_drives_trainer_on_family(method, family, reward, pipelines, rewa
     grads = _recording_gradients(monkeypatch)
     trainer = TRAINERS[method]
     config = deep_merge(trainer.DEFAULTS, deep_merge(TINY[method], {
-        "device": "cpu", "model": str(pipelines[family]), "out": str(tmp_path), "prompts": "shapes-train",
+        "device": "cpu", "model": str(pipelines[family]), "out": str(tmp_path),
         "policy": {"lora_rank": 2, "lora_alpha": 2.0}, "eval": {"every": 0},
         "reward": {"spec": reward, **reward_settings},
     }))
-    if method == "refl":
-        config["data"] = {"prompts": "shapes-train", "num_prompts": None}
-        config.pop("prompts")
     trainer.train(config, tmp_path, log=lambda _: None)
     assert len(grads) == 2 and all(grads), f"{method}/{family}/{reward}: no gradient reached the policy"
     assert all(torch.isfinite(g).all() for step in grads for g in step.values())

@@ -26,7 +26,7 @@ from prefalign.train.policy import Policy
 runner = CliRunner()
 PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
 # Small enough for a few seconds per run: 8×8 models, batch 2, shapes-clip as the learned reward.
-TINY = {"device": "cpu", "prompts": "shapes-train",
+TINY = {"device": "cpu", "data": {"prompts": "shapes-train", "num_prompts": None},
         "train": {"steps": 2, "batch_size": 2, "log_every": 2, "checkpoint_every": 2}, "eval": {"every": 0}}
 
 

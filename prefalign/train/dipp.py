@@ -51,7 +51,7 @@ DEFAULTS: dict = {
     "resume": False,
     "log": {"with": None, "project": None},  # experiment tracker: tensorboard | wandb (train.common.make_accelerator)
     "model": None,  # reference diffusion model: None / "shapes-teacher[:DIR]" / a diffusers pipeline directory
-    "prompts": "shapes-train",  # shapes-train / shapes-val / a prompt file
+    "data": {"prompts": "shapes-train", "num_prompts": None},  # shapes-train | shapes-val | a prompt file
     # α_rew = reward.alpha (0: Diff-Instruct; the reward is then never loaded). spec: any registry reward or
     # weighted sum, e.g. "shapes-clip", "trained" with checkpoints {trained: DIR}, "0.5*hpsv2.1+aesthetic".
     "reward": {"spec": "shapes-clip", "alpha": 1.0, "checkpoints": {}, "options": {}},
@@ -236,7 +236,7 @@ def dipp_method(run: Run) -> Method:
     ta = TeachingAssistant(run, ta_cfg["lora_rank"], ta_cfg["lora_alpha"], ta_cfg["lr"])
     alpha_rew, spec = float(config["reward"]["alpha"]), config["reward"]["spec"]
     reward = load_training_reward(config["reward"], run.device) if alpha_rew else None
-    prompts, uncond = load_prompts(config["prompts"]), model.encode_prompts([""])
+    prompts, uncond = load_prompts(config["data"]["prompts"], config["data"]["num_prompts"]), model.encode_prompts([""])
     world, rank, size = run.accelerator.num_processes, run.accelerator.process_index, int(tr["batch_size"])
     updates, T = int(ta_cfg["updates"]), model.schedule.num_timesteps
     guided_rows = 1 if config["guidance"] == 1 or model.strategy.embeds_guidance(model) else 2  # s̃_ref's rows

@@ -47,7 +47,7 @@ DEFAULTS: dict = {
     "resume": False,
     "log": {"with": None, "project": None},  # experiment tracker: tensorboard | wandb (train.common.make_accelerator)
     "model": None,  # base pipeline: None / "shapes-teacher[:DIR]" (the shapes teacher) or a pipeline directory
-    "prompts": "shapes-train",  # shapes-train | shapes-val | a prompt file
+    "data": {"prompts": "shapes-train", "num_prompts": None},  # shapes-train | shapes-val | a prompt file
     # spec: a registry reward or weighted sum ("0.5*shapes-clip+0.5*aesthetic"); advantage: sum | per_reward
     "reward": {"spec": "shapes-clip", "checkpoints": {}, "options": {}, "advantage": "sum"},
     # Flow-GRPO SD3.5: LoRA r = 32, α = 64, the reference is the base with the adapter disabled.
@@ -164,7 +164,7 @@ def grpo_method(run: Run) -> Method:
     if (num_prompts // world * group) % batch_size:
         raise PrefalignError(f"train.batch_size={batch_size} must divide the {num_prompts // world * group} samples "
                              "per process (prompts_per_step / processes × group_size)")
-    prompts = load_prompts(config["prompts"])
+    prompts = load_prompts(config["data"]["prompts"], config["data"]["num_prompts"])
     rewards = Rewards(config["reward"], run.device)
     kwargs = model.sampler_kwargs()
     pairs = timestep_pairs(model.schedule, int(sample["steps"]), **kwargs)
