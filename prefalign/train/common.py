@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -247,6 +247,36 @@ def load_prompts(spec: str, num: int | None = None) -> list[str]:
     return prompts[:num] if num else prompts
 
 
+def run_defaults() -> dict:
+    """The keys every trainer's config starts with (fresh dicts: callers may change them)."""
+    return {
+        "seed": 0,
+        "device": "auto",
+        "out": None,
+        "resume": False,
+        "log": {"with": None, "project": None},  # experiment tracker: tensorboard | wandb (make_accelerator)
+    }
+
+
+def sampled_eval_defaults(**changes: object) -> dict:
+    """Periodic evaluation of a multi-step sampler (`evaluate`), with per-trainer `changes`."""
+    return {
+        "every": 100,  # evaluate at step 0, every N steps and at the end; 0 = never
+        "prompts": "shapes-val",  # shapes-val | shapes-train | a prompt file
+        "num_prompts": 32,
+        "samples_per_prompt": 1,
+        "seed": 0,
+        "steps": 20,
+        "guidance": 3.0,
+        "eta": 0.0,
+        "batch_size": 32,
+        "rewards": ["shapes-oracle", "shapes-clip"],
+        "reward_checkpoints": {},  # reward name -> checkpoint, e.g. {"step-aware": DIR}
+        "reward_options": {},  # reward name -> {option: value}
+        **changes,
+    }
+
+
 # A backward pass costs about two forwards (measured 3.1x forward+backward on the shapes teacher): trainers report
 # compute as forward-only rows + this factor x forward+backward rows.
 FORWARD_EQUIVALENTS_PER_BACKWARD_PASS = 3
@@ -301,3 +331,20 @@ def reward_table(images: torch.Tensor, prompts: Sequence[str], rewards: Mapping,
         ci = bootstrap_ci(per_group)
         table.update({name: ci.mean, f"{name}_lo": ci.low, f"{name}_hi": ci.high})
     return table
+
+
+def run_demo_policy_stage(ctx, name: str, label: str, config: dict, train: Callable) -> Path:
+    """A `prefalign demo` stage of a multi-step trainer: `train(config)` on the demo's teacher in `ctx.run_dir/name`,
+    its result registered as generator `label`, sampled like the teacher (the demo's sampler and CFG)."""
+    from prefalign.runs import start_run
+    from prefalign.shapes.generators import teacher_source
+
+    sampler, teacher = ctx.config["sampler"], ctx.config["teacher"]
+    config, run_dir = start_run(config, None, [], seed=ctx.config["seed"], device=str(ctx.device),
+                                out=str(ctx.run_dir / name), model=f"shapes-teacher:{teacher}" if teacher else None)
+    model_dir = train(config, run_dir, log=ctx.log)
+    source = teacher_source(model_dir, ctx.device, sampler["steps"], sampler["guidance"], sampler["eta"])
+    source.nfe = sampler["steps"] * (1 if sampler["guidance"] == 1 else 2)
+    ctx.generators[label] = source
+    ctx.artifacts[name] = model_dir
+    return model_dir

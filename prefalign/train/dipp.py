@@ -39,17 +39,13 @@ from prefalign.diffusion.one_step import (
 )
 from prefalign.diffusion.schedules import Schedule
 from prefalign.errors import PrefalignError
-from prefalign.train.common import load_prompts, load_training_reward, lr_at, reward_table
+from prefalign.train.common import load_prompts, load_training_reward, lr_at, reward_table, run_defaults
 from prefalign.train.loop import Method, MicroBatch, Run, make_optimizer, train_policy
 from prefalign.train.policy import DEFAULT_LORA_TARGETS, Policy
 
 IKL_WEIGHTINGS = ("x0", "dmd")
 DEFAULTS: dict = {
-    "seed": 0,
-    "device": "auto",
-    "out": None,
-    "resume": False,
-    "log": {"with": None, "project": None},  # experiment tracker: tensorboard | wandb (train.common.make_accelerator)
+    **run_defaults(),
     "model": None,  # reference diffusion model: None / "shapes-teacher[:DIR]" / a diffusers pipeline directory
     "data": {"prompts": "shapes-train", "num_prompts": None},  # shapes-train | shapes-val | a prompt file
     # α_rew = reward.alpha (0: Diff-Instruct; the reward is then never loaded). spec: any registry reward or

@@ -38,16 +38,13 @@ from prefalign.diffusion.conversions import convert
 from prefalign.diffusion.losses import denoising_loss
 from prefalign.diffusion.timesteps import TimestepSampler
 from prefalign.errors import PrefalignError
+from prefalign.train.common import run_defaults, run_demo_policy_stage, sampled_eval_defaults
 from prefalign.train.loop import Method, MicroBatch, Run, train_policy
 from prefalign.train.policy import DEFAULT_LORA_TARGETS, Policy
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
 DEFAULTS: dict = {
-    "seed": 0,
-    "device": "auto",
-    "out": None,
-    "resume": False,
-    "log": {"with": None, "project": None},  # experiment tracker: tensorboard | wandb (train.common.make_accelerator)
+    **run_defaults(),
     "model": None,  # base pipeline: None / "shapes-teacher[:DIR]" (the shapes teacher) or a pipeline directory
     "data": {"source": "shapes:web?n=4000&seed=1", "split": "train", "limit": None},
     "policy": {"lora_rank": None, "lora_alpha": None, "lora_targets": list(DEFAULT_LORA_TARGETS),
@@ -76,20 +73,7 @@ DEFAULTS: dict = {
         "log_every": 10,
         "checkpoint_every": 100,
     },
-    "eval": {
-        "every": 100,  # evaluate at step 0, every N steps and at the end; 0 = never
-        "prompts": "shapes-val",  # shapes-val | shapes-train | a text file with one prompt per line
-        "num_prompts": 32,
-        "samples_per_prompt": 1,
-        "seed": 0,
-        "steps": 20,
-        "guidance": 3.0,
-        "eta": 0.0,
-        "batch_size": 32,
-        "rewards": ["shapes-oracle", "shapes-clip"],
-        "reward_checkpoints": {},  # reward name -> checkpoint, e.g. {"step-aware": DIR}
-        "reward_options": {},  # reward name -> {option: value}
-    },
+    "eval": sampled_eval_defaults(every=100),
     "save_dtype": None,  # e.g. float16 for the saved pipeline; training keeps fp32 master weights
 }
 
@@ -252,15 +236,4 @@ DEMO_OVERRIDES: dict = {
 def demo_stage(ctx) -> None:
     """`prefalign demo` stage "dpo": a short Diffusion-DPO run of the teacher on simulated web-data preference
     pairs in `dpo/`; registers the result as generator "DPO" (sampled like the teacher) for the leaderboard."""
-    from prefalign.runs import start_run
-    from prefalign.shapes.generators import teacher_source
-
-    sampler, teacher = ctx.config["sampler"], ctx.config["teacher"]
-    config, run_dir = start_run(deep_merge(DEFAULTS, DEMO_OVERRIDES), None, [], seed=ctx.config["seed"],
-                                device=str(ctx.device), out=str(ctx.run_dir / "dpo"),
-                                model=f"shapes-teacher:{teacher}" if teacher else None)
-    model_dir = train(config, run_dir, log=ctx.log)
-    source = teacher_source(model_dir, ctx.device, sampler["steps"], sampler["guidance"], sampler["eta"])
-    source.nfe = sampler["steps"] * (1 if sampler["guidance"] == 1 else 2)
-    ctx.generators["DPO"] = source
-    ctx.artifacts["dpo"] = model_dir
+    run_demo_policy_stage(ctx, "dpo", "DPO", deep_merge(DEFAULTS, DEMO_OVERRIDES), train)

@@ -29,7 +29,13 @@ from prefalign.diffusion.generate import timestep_pairs
 from prefalign.diffusion.models import Conditioning
 from prefalign.errors import PrefalignError
 from prefalign.rewards.combine import WeightedSumReward
-from prefalign.train.common import load_prompts, load_training_reward
+from prefalign.train.common import (
+    load_prompts,
+    load_training_reward,
+    run_defaults,
+    run_demo_policy_stage,
+    sampled_eval_defaults,
+)
 from prefalign.train.grpo_sampling import (
     Rollout,
     group_advantages,
@@ -41,11 +47,7 @@ from prefalign.train.loop import Method, MicroBatch, Run, train_policy
 from prefalign.train.policy import DEFAULT_LORA_TARGETS, Policy
 
 DEFAULTS: dict = {
-    "seed": 0,
-    "device": "auto",
-    "out": None,
-    "resume": False,
-    "log": {"with": None, "project": None},  # experiment tracker: tensorboard | wandb (train.common.make_accelerator)
+    **run_defaults(),
     "model": None,  # base pipeline: None / "shapes-teacher[:DIR]" (the shapes teacher) or a pipeline directory
     "data": {"prompts": "shapes-train", "num_prompts": None},  # shapes-train | shapes-val | a prompt file
     # spec: a registry reward or weighted sum ("0.5*shapes-clip+0.5*aesthetic"); advantage: sum | per_reward
@@ -72,20 +74,7 @@ DEFAULTS: dict = {
         "log_every": 1,
         "checkpoint_every": 50,
     },
-    "eval": {
-        "every": 50,
-        "prompts": "shapes-val",
-        "num_prompts": 32,
-        "samples_per_prompt": 1,
-        "seed": 0,
-        "steps": 20,
-        "guidance": 3.0,
-        "eta": 0.0,
-        "batch_size": 32,
-        "rewards": ["shapes-oracle", "shapes-clip"],
-        "reward_checkpoints": {},
-        "reward_options": {},
-    },
+    "eval": sampled_eval_defaults(every=50),
     "save_dtype": None,
 }
 
@@ -240,15 +229,4 @@ DEMO_OVERRIDES: dict = {
 def demo_stage(ctx) -> None:
     """`prefalign demo` stage "grpo": a short GRPO run of the teacher on the shapes-clip reward in `grpo/`;
     registers generator "GRPO" (sampled like the teacher) for the leaderboard."""
-    from prefalign.runs import start_run
-    from prefalign.shapes.generators import teacher_source
-
-    sampler, teacher = ctx.config["sampler"], ctx.config["teacher"]
-    config, run_dir = start_run(deep_merge(DEFAULTS, DEMO_OVERRIDES), None, [], seed=ctx.config["seed"],
-                                device=str(ctx.device), out=str(ctx.run_dir / "grpo"),
-                                model=f"shapes-teacher:{teacher}" if teacher else None)
-    model_dir = train(config, run_dir, log=ctx.log)
-    source = teacher_source(model_dir, ctx.device, sampler["steps"], sampler["guidance"], sampler["eta"])
-    source.nfe = sampler["steps"] * (1 if sampler["guidance"] == 1 else 2)
-    ctx.generators["GRPO"] = source
-    ctx.artifacts["grpo"] = model_dir
+    run_demo_policy_stage(ctx, "grpo", "GRPO", deep_merge(DEFAULTS, DEMO_OVERRIDES), train)

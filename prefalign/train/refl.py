@@ -32,16 +32,12 @@ from prefalign.diffusion.generate import timestep_pairs, transition
 from prefalign.diffusion.models import Conditioning, DiffusionModel
 from prefalign.diffusion.sampling import StepOutput
 from prefalign.errors import PrefalignError
-from prefalign.train.common import load_prompts, load_training_reward
+from prefalign.train.common import load_prompts, load_training_reward, run_defaults, sampled_eval_defaults
 from prefalign.train.loop import Method, MicroBatch, Run, train_policy
 from prefalign.train.policy import DEFAULT_LORA_TARGETS
 
 DEFAULTS: dict = {
-    "seed": 0,
-    "device": "auto",
-    "out": None,
-    "resume": False,
-    "log": {"with": None, "project": None},  # experiment tracker: tensorboard | wandb (train.common.make_accelerator)
+    **run_defaults(),
     "model": None,  # base pipeline: None / "shapes-teacher[:DIR]" (the shapes teacher) or a pipeline directory
     "data": {"prompts": "shapes-train", "num_prompts": None},  # shapes-train | shapes-val | a prompt file
     # No reference network: the loss needs none (ReFL.py fine-tunes the whole UNet).
@@ -69,20 +65,7 @@ DEFAULTS: dict = {
         "log_every": 10,
         "checkpoint_every": 50,
     },
-    "eval": {
-        "every": 50,  # evaluate at step 0, every N steps and at the end; 0 = never
-        "prompts": "shapes-val",  # shapes-val | shapes-train | a text file with one prompt per line
-        "num_prompts": 32,
-        "samples_per_prompt": 1,
-        "seed": 0,
-        "steps": 20,
-        "guidance": 3.0,
-        "eta": 0.0,
-        "batch_size": 32,
-        "rewards": ["shapes-oracle", "shapes-clip"],
-        "reward_checkpoints": {},  # reward name -> checkpoint, e.g. {"step-aware": DIR}
-        "reward_options": {},  # reward name -> {option: value}
-    },
+    "eval": sampled_eval_defaults(every=50),
     "save_dtype": None,  # e.g. float16 for the saved pipeline; training keeps fp32 master weights
 }
 

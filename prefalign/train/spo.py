@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from prefalign.diffusion.generate import transition
 from prefalign.diffusion.models import Conditioning
 from prefalign.errors import PrefalignError
-from prefalign.train.common import load_prompts
+from prefalign.train.common import load_prompts, run_defaults, run_demo_policy_stage, sampled_eval_defaults
 from prefalign.train.loop import Method, MicroBatch, Run, train_policy
 from prefalign.train.policy import DEFAULT_LORA_TARGETS, Policy
 from prefalign.train.spo_sampling import PoolStats, StepPairs, sample_step_pairs
@@ -34,11 +34,7 @@ from prefalign.train.spo_sampling import PoolStats, StepPairs, sample_step_pairs
 MAX_EMPTY_ROUNDS = 10  # consecutive rounds without a kept pair before a step gives up
 
 DEFAULTS: dict = {
-    "seed": 0,
-    "device": "auto",
-    "out": None,
-    "resume": False,
-    "log": {"with": None, "project": None},  # experiment tracker: tensorboard | wandb (train.common.make_accelerator)
+    **run_defaults(),
     "model": None,  # base pipeline: None / "shapes-teacher[:DIR]" / a diffusers pipeline directory
     "preference": {"checkpoint": None},  # step-aware preference model directory (`prefalign train-reward`)
     "policy": {"lora_rank": 4, "lora_alpha": None, "lora_targets": list(DEFAULT_LORA_TARGETS),
@@ -69,20 +65,7 @@ DEFAULTS: dict = {
         "log_every": 10,
         "checkpoint_every": 500,
     },
-    "eval": {
-        "every": 500,  # evaluate at step 0, every N steps and at the end; 0 = never
-        "prompts": "shapes-val",  # shapes-train | shapes-val | a prompt file
-        "num_prompts": 64,
-        "samples_per_prompt": 1,
-        "seed": 0,
-        "steps": 20,
-        "guidance": 5.0,
-        "eta": 0.0,
-        "batch_size": 32,
-        "rewards": ["shapes-oracle"],
-        "reward_checkpoints": {},  # reward name -> checkpoint, e.g. {"step-aware": DIR}
-        "reward_options": {},  # reward name -> {option: value}
-    },
+    "eval": sampled_eval_defaults(every=500, num_prompts=64, guidance=5.0, rewards=["shapes-oracle"]),
     "save_dtype": None,  # e.g. float16 for the saved pipeline; training keeps fp32 master weights
 }
 
@@ -284,19 +267,9 @@ def demo_stage(ctx) -> None:
     "reward" stage (`ctx.artifacts["step-aware"]`) in `spo/`; registers generator "SPO" (sampled like the
     teacher) for the leaderboard."""
     from prefalign.config import deep_merge
-    from prefalign.runs import prepare_run_dir
-    from prefalign.shapes.generators import teacher_source
 
     if "step-aware" not in ctx.artifacts:
         raise PrefalignError("demo stage spo needs the step-aware preference model of the reward stage; "
                              "list 'reward' before 'spo' in stages")
-    sampler, teacher = ctx.config["sampler"], ctx.config["teacher"]
-    config = deep_merge(DEFAULTS, DEMO_OVERRIDES)
-    config.update(seed=ctx.config["seed"], device=str(ctx.device), out=str(ctx.run_dir / "spo"),
-                  model=f"shapes-teacher:{teacher}" if teacher else None,
-                  preference={"checkpoint": str(ctx.artifacts["step-aware"])})
-    model_dir = train(config, prepare_run_dir(config), log=ctx.log)
-    source = teacher_source(model_dir, ctx.device, sampler["steps"], sampler["guidance"], sampler["eta"])
-    source.nfe = sampler["steps"] * (1 if sampler["guidance"] == 1 else 2)
-    ctx.generators["SPO"] = source
-    ctx.artifacts["spo"] = model_dir
+    config = deep_merge(DEFAULTS, {**DEMO_OVERRIDES, "preference": {"checkpoint": str(ctx.artifacts["step-aware"])}})
+    run_demo_policy_stage(ctx, "spo", "SPO", config, train)
