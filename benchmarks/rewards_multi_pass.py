@@ -14,6 +14,7 @@ opt-in fast mode (bf16 autocast + channels-last) with its largest |Δscore| agai
 
 Wall and CPU seconds are both reported: on a shared machine the CPU seconds (this process plus its decoding
 workers) are the stable measure. Usage (what RESULTS.md records):
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rewards_multi_pass.py --n 32 --batch 8 --skip-fast
     OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python benchmarks/rewards_multi_pass.py --n 8 --batch 8 --skip-fast
     OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python benchmarks/rewards_multi_pass.py --n 8 --batch 8 --skip-single
 """
