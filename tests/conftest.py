@@ -1,5 +1,9 @@
 """Fixtures shared by test modules."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -30,3 +34,19 @@ def kill_on_calls(monkeypatch):
         monkeypatch.setattr(module, name, wrapped)
 
     return install
+
+
+@pytest.fixture
+def launch():
+    """`launch(args, processes=2)`: `python <args>` for one process, `python -m torch.distributed.run --standalone
+    --nproc_per_node N <args>` (gloo on CPU) for more; one thread per process, no progress bars. A failed run fails
+    the test with the tail of its stderr."""
+
+    def run(args: list[str], processes: int = 2) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PREFALIGN_NO_PROGRESS": "1"}
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        proc = subprocess.run([sys.executable, *(launcher if processes > 1 else []), *args], capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return run

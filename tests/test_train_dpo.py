@@ -221,18 +221,12 @@ def test_demo_stage_registers_a_dpo_generator(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_run_matches_one_process(pixel_dir, pairs, tmp_path):
+def test_two_process_gloo_run_matches_one_process(pixel_dir, pairs, tmp_path, launch):
     """DDP over 2 CPU processes (1 pair each) takes the same steps as one process with 2 pairs."""
     common = ["align", "--method", "dpo", "--device", "cpu", *tiny_overrides(pixel_dir, pairs, 2, "train.prompt_dropout=0.5")]
     single = RUNNER.invoke(app, [*common, "--out", str(tmp_path / "one")])
     assert single.exit_code == 0, single.output
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PREFALIGN_NO_PROGRESS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "prefalign.cli",
-         *common, "--out", str(tmp_path / "two"), "train.batch_size=1"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch(["-m", "prefalign.cli", *common, "--out", str(tmp_path / "two"), "train.batch_size=1"])
     one, two = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one", "two"))
     assert one["fb_calls"] == two["fb_calls"] == 2 * 2 * 2
     base = tiny_pipeline("pixel").denoiser.state_dict()

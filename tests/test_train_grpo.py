@@ -2,9 +2,6 @@
 flow), batch-split invariant log-probabilities, LoRA training on the shapes teacher and tiny SD3/FLUX, exact resume,
 the CLI, one-line config errors, the demo stage and a 2-process run equal to one process."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -241,18 +238,12 @@ def test_demo_stage_registers_a_grpo_generator(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_run_matches_one_process(tmp_path):
+def test_two_process_gloo_run_matches_one_process(tmp_path, launch):
     """DDP over 2 CPU processes (one prompt group each) takes the same steps as one process with both groups."""
     common = ["align", "--method", "grpo", "--device", "cpu", *tiny_overrides("shapes-teacher", 2)]
     single = RUNNER.invoke(app, [*common, "--out", str(tmp_path / "one")])
     assert single.exit_code == 0, single.output
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PREFALIGN_NO_PROGRESS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "prefalign.cli",
-         *common, "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch(["-m", "prefalign.cli", *common, "--out", str(tmp_path / "two")])
     one, two = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one", "two"))
     assert one["fb_calls"] == two["fb_calls"] and one["fwd_calls"] == two["fwd_calls"]
     rows_one, rows_two = (MetricsLog(tmp_path / d / "metrics.csv").rows for d in ("one", "two"))

@@ -3,9 +3,6 @@ round trip, the demo stage, and a 2-process gloo run that matches the 1-process 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -187,7 +184,7 @@ def test_demo_stage_records_the_scorer_and_bucket_accuracies(tmp_path: Path, mon
 
 
 @pytest.mark.slow
-def test_two_process_gloo_run_matches_one_process(tmp_path: Path) -> None:
+def test_two_process_gloo_run_matches_one_process(tmp_path: Path, launch) -> None:
     config = tiny_config(tmp_path)
     # A clean model (no teacher to import in each worker keeps this test short); unweighted, so that the mean of
     # the per-process losses is the loss of the whole batch.
@@ -195,13 +192,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path: Path) -> None:
               "step_aware.base_model=null"]
     single = cli(*common, "--out", str(tmp_path / "one"), "train.batch_size=4")
     assert single.code == 0, single.output
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PREFALIGN_NO_PROGRESS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "prefalign.cli", "train-reward", *common, "--out", str(tmp_path / "two"), "train.batch_size=2"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch(["-m", "prefalign.cli", "train-reward", *common, "--out", str(tmp_path / "two"), "train.batch_size=2"])
     # Equal up to float summation order, which Adam's first steps amplify: compare with the size of the update.
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     start = {f"backbone.model.{k}": v for k, v in load_shapes_clip().state_dict().items()}
