@@ -25,7 +25,7 @@ Usage (what RESULTS.md records):
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/rewards_throughput.py --n 4 --prompts 2 --bf16-n 2 \
         --threads 2 --out /tmp/rewards_throughput.json
     OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python benchmarks/rewards_throughput.py --rewards hpsv3 \
-        --hpsv3-src /tmp/hpsv3-1.0.0 --hpsv3-size 2b --hpsv3-depth 1,1 --n 8 --batch 4 --threads 1
+        --hpsv3-src /tmp/hpsv3-1.0.0 --hpsv3-size 7b --hpsv3-depth 1,1 --n 8 --batch 4 --threads 1
 """
 
 from __future__ import annotations
