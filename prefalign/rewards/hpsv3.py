@@ -190,15 +190,20 @@ class HPSv3Model(RewardModel):
         device = self.rm_head[0].weight.device
         return ids.to(device), mask.to(device)
 
-    def _reward(self, images: Sequence[torch.Tensor], prompts: Sequence[str]) -> torch.Tensor:
-        """Normalised [3, h, w] images (28-multiples) + prompts -> [B, 2]."""
+    def model_inputs(self, images: Sequence[torch.Tensor], prompts: Sequence[str]) -> tuple[torch.Tensor, ...]:
+        """Normalised [3, h, w] images (28-multiples) + prompts -> `forward`'s (patches, grid_thw, input_ids,
+        attention_mask)."""
         vision = self.config.vision_config
         merge = vision.spatial_merge_size
         patches = [patchify(x, vision.patch_size, vision.temporal_patch_size, merge) for x in images]
         grid = torch.tensor([[1, x.shape[1] // vision.patch_size, x.shape[2] // vision.patch_size] for x in images],
                             device=self.rm_head[0].weight.device)
         ids, mask = self.encode(prompts, [len(p) // merge**2 for p in patches])
-        return self(torch.cat(patches), grid, ids, mask)
+        return torch.cat(patches), grid, ids, mask
+
+    def _reward(self, images: Sequence[torch.Tensor], prompts: Sequence[str]) -> torch.Tensor:
+        """Normalised [3, h, w] images (28-multiples) + prompts -> [B, 2]."""
+        return self(*self.model_inputs(images, prompts))
 
     @torch.no_grad()
     def score(self, images: Sequence[ImageLike], prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
