@@ -46,12 +46,15 @@ def block_lists(module: torch.nn.Module) -> list[torch.nn.ModuleList]:
 def shard(module: torch.nn.Module) -> None:
     """FSDP2 in place: each block its own unit (its weights gathered only while it runs), then the root.
     Every unit reshards after its forward pass."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # On the module's device: the default mesh is CUDA wherever a GPU exists, also for a --device cpu run.
+    mesh = init_device_mesh(next(module.parameters()).device.type, (torch.distributed.get_world_size(),))
     for blocks in block_lists(module):
         for block in blocks:
-            fully_shard(block)
-    fully_shard(module, reshard_after_forward=True)  # also the root: gradient-free passes (sampling) leave shards
+            fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh, reshard_after_forward=True)  # the root too: gradient-free passes leave shards
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
