@@ -11,6 +11,7 @@ from __future__ import annotations
 from prefalign.config import Field, Schema
 from prefalign.diffusion.timesteps import TIMESTEP_SAMPLERS
 from prefalign.diffusion.weighting import LOSS_WEIGHTINGS as WEIGHTINGS
+from prefalign.train.distributed import MODES as DISTRIBUTED
 from prefalign.train.grpo_sampling import ADVANTAGES, TIMESTEP_SELECTIONS
 from prefalign.train.preference_losses import PAIRWISE_KINDS
 
@@ -43,6 +44,8 @@ def _optimiser() -> dict[str, Field]:
         "train.grad_clip": Field("clip the gradient norm to this (0 or null: no clipping)", type=float, ge=0,
                                  nullable=True),
         "train.mixed_precision": Field("no, fp16 (GPU) or bf16", choices=PRECISIONS),
+        "train.distributed": Field("several processes: ddp (each holds every weight) or fsdp (weights, gradients, "
+                                   "optimizer state sharded)", choices=DISTRIBUTED),
         "train.ema_decay": Field("EMA of the trained weights, used to evaluate and save; null: off", type=float,
                                  gt=0, le=1),
         "train.log_every": Field("write a metrics.csv row every N steps", ge=1),

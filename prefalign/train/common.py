@@ -18,6 +18,7 @@ from prefalign.diffusion.generate import sample_images
 from prefalign.errors import PrefalignError
 from prefalign.io import atomic_path, atomic_save, atomic_write_text
 from prefalign.stats import bootstrap_ci
+from prefalign.train.distributed import full, like, spread_calls
 
 
 class EMA:
@@ -39,10 +40,11 @@ class EMA:
             p.copy_(s.to(p.dtype))
 
     def state_dict(self) -> list[torch.Tensor]:
-        return self.shadow
+        """The averages, whole (gathered from the shards of sharded parameters: every process calls it)."""
+        return [full(s) for s in self.shadow]
 
     def load_state_dict(self, shadow: Sequence[torch.Tensor]) -> None:
-        self.shadow = [s.to(p.device).float() for s, p in zip(shadow, self.params, strict=True)]
+        self.shadow = [like(s.to(p.device).float(), p) for s, p in zip(shadow, self.params, strict=True)]
 
 
 @contextlib.contextmanager
@@ -302,20 +304,23 @@ def load_training_reward(section: Mapping, device: torch.device | str):
 
 
 @torch.no_grad()
-def evaluate(model, prompts: Sequence[str], rewards: dict, ev: dict) -> dict[str, float]:
+def evaluate(model, prompts: Sequence[str], rewards: dict, ev: dict, accelerator=None) -> dict[str, float] | None:
     """Sample `samples_per_prompt` images per held-out prompt (DDIM + CFG, seeds eval.seed + i, so every model
-    sees the same noise) and score them: per reward the mean and 95 % bootstrap CI over prompts."""
+    sees the same noise) and score them: per reward the mean and 95 % bootstrap CI over prompts. With
+    `accelerator`, every process samples a share of the batches and the main process scores them all (None
+    elsewhere): the same batches, hence the same images, as one process."""
     k = ev["samples_per_prompt"]
     repeated = [p for p in prompts for _ in range(k)]
     groups = [i for i in range(len(prompts)) for _ in range(k)]
     seeds = [ev["seed"] + i for i in range(len(repeated))]
     size = ev["batch_size"]
-    images = torch.cat([
-        sample_images(model, repeated[i : i + size], seeds[i : i + size], ev["steps"], ev["guidance"],
-                      ev["eta"]).cpu()
-        for i in range(0, len(repeated), size)
-    ])
-    return reward_table(images, repeated, rewards, groups)
+
+    def sample(i: int) -> torch.Tensor:
+        return sample_images(model, repeated[i : i + size], seeds[i : i + size], ev["steps"], ev["guidance"],
+                             ev["eta"]).cpu()
+
+    batches = spread_calls(sample, range(0, len(repeated), size), accelerator)
+    return None if batches is None else reward_table(torch.cat(batches), repeated, rewards, groups)
 
 
 @torch.no_grad()

@@ -69,6 +69,7 @@ DEFAULTS: dict = {
         "prompt_dropout": 0.2,  # official --proportion_empty_prompts
         "sft_steps": 0,
         "mixed_precision": "no",
+        "distributed": "ddp",  # ddp | fsdp: shard weights, gradients and optimizer state over the processes
         "ema_decay": None,
         "log_every": 10,
         "checkpoint_every": 100,

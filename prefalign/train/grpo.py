@@ -70,6 +70,7 @@ DEFAULTS: dict = {
         "weight_decay": 1e-4,
         "grad_clip": 1.0,
         "mixed_precision": "no",
+        "distributed": "ddp",  # ddp | fsdp: shard weights, gradients and optimizer state over the processes
         "ema_decay": None,
         "log_every": 1,
         "checkpoint_every": 50,

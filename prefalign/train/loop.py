@@ -1,10 +1,10 @@
 """The one training loop of the alignment trainers (torchtune style: one explicit loop, methods by composition).
 
 A method is a `Method`: its name, and `micro_batches(step, generator)`, which yields the micro-batches of one
-optimizer step, each with its share of the loss. Everything else is the loop's: accelerate (DDP/FSDP, mixed
-precision), the LoRA or full policy and its reference, the optimizer and learning-rate schedule, gradient
-clipping, EMA, the NaN guard, checkpoints with exact `--resume`, the metrics and evaluation CSVs and plots,
-compute accounting, and the saved pipeline.
+optimizer step, each with its share of the loss. Everything else is the loop's: accelerate (DDP, mixed
+precision) or FSDP (`train.distributed`, `prefalign.train.distributed`), the LoRA or full policy and its
+reference, the optimizer and learning-rate schedule, gradient clipping, EMA, the NaN guard, checkpoints with exact
+`--resume`, the metrics and evaluation CSVs and plots, compute accounting, and the saved pipeline.
 
 `train_loop` is the loop itself, for anything `Trainable`; `train_policy` runs it on a diffusion policy, and
 `prefalign.train.reward` on a preference scorer.
@@ -26,6 +26,7 @@ from typing import Protocol
 import torch
 
 from prefalign.progress import track
+from prefalign.train import distributed
 from prefalign.train.common import (
     EMA,
     FORWARD_EQUIVALENTS_PER_BACKWARD_PASS,
@@ -97,11 +98,17 @@ class Trainable(Protocol):
     def trainable_parameters(self) -> list[torch.nn.Parameter]: ...
 
     def prepare(self, accelerator, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """Wrap the network (DDP/FSDP per the accelerate launch) and the optimizer; returns the optimizer."""
+        """Wrap the network (DDP per the accelerate launch) and the optimizer; returns the optimizer."""
 
-    def trainable_state(self) -> dict: ...
+    def trainable_state(self) -> dict:
+        """The trained weights, whole (every process calls it: sharded ones are gathered)."""
 
     def load_trainable_state(self, state: dict) -> None: ...
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer's state for the checkpoint (every process calls it)."""
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None: ...
 
     def evaluation(self, accelerator, ema: EMA | None) -> AbstractContextManager:
         """The plain network in eval mode with the EMA weights (when `ema`), restored for training afterwards."""
@@ -109,8 +116,8 @@ class Trainable(Protocol):
     def train(self) -> None:
         """Put the network in training mode."""
 
-    def save(self, out_dir: Path) -> None:
-        """Write the trained model to `out_dir` (main process, inside `evaluation`)."""
+    def save(self, out_dir: Path, main: bool) -> None:
+        """Write the trained model to `out_dir` (every process calls it inside `evaluation`; `main` writes)."""
 
 
 @dataclass
@@ -131,6 +138,7 @@ class PolicyTrainable:
         self.policy, self.dtype = policy, getattr(torch, save_dtype) if save_dtype else None
         self.trainable_parameters, self.prepare = policy.trainable_parameters, policy.prepare
         self.trainable_state, self.load_trainable_state = policy.trainable_state, policy.load_trainable_state
+        self.optimizer_state, self.load_optimizer_state = policy.optimizer_state, policy.load_optimizer_state
 
     def evaluation(self, accelerator, ema: EMA | None) -> AbstractContextManager:
         return evaluation_weights(self.policy, accelerator, ema)
@@ -138,14 +146,16 @@ class PolicyTrainable:
     def train(self) -> None:
         self.policy.model.train(True)
 
-    def save(self, out_dir: Path) -> None:
-        self.policy.save_pretrained(out_dir, self.dtype)
+    def save(self, out_dir: Path, main: bool) -> None:
+        if main or self.policy.sharded:  # sharded weights are gathered by every process
+            self.policy.save_pretrained(out_dir, self.dtype)
 
 
 def train_policy(config: dict, run_dir: Path, build: Callable[[Run], Method], log: Callable[[str], None] = print,
                  output: str = "model") -> Path:
     """Train the policy of `config["policy"]` on `config["model"]` with the method `build(run)` returns; returns
-    `run_dir/output`, the saved pipeline (EMA weights when `train.ema_decay` is set).
+    `run_dir/output`, the saved pipeline (EMA weights when `train.ema_decay` is set). `train.distributed=fsdp`
+    shards the policy over the processes (`prefalign.train.distributed`).
 
     Writes metrics.csv/png (training statistics every `train.log_every` steps), eval.csv/png (rewards on
     held-out prompts at step 0, every `eval.every` steps and at the end, against compute) and checkpoint.pt
@@ -154,20 +164,25 @@ def train_policy(config: dict, run_dir: Path, build: Callable[[Run], Method], lo
     ev, pol = config["eval"], config["policy"]
 
     def load(device: torch.device) -> PolicyTrainable:
-        return PolicyTrainable(Policy(load_base_model(config["model"], device), pol["lora_rank"], pol["lora_alpha"],
-                                      pol["lora_targets"], pol["reference"]), config.get("save_dtype"))
+        policy = Policy(load_base_model(config["model"], device), pol["lora_rank"], pol["lora_alpha"],
+                        pol["lora_targets"], pol["reference"])
+        if distributed.sharding(config["train"].get("distributed", "ddp")):
+            policy.shard()
+        return PolicyTrainable(policy, config.get("save_dtype"))
 
     def setup(trainable: PolicyTrainable, accelerator, say: Callable[[str], None]) -> tuple[Method, Evaluation | None]:
         method = build(Run(config, run_dir, accelerator, trainable.policy, say))
         prompts = load_prompts(ev["prompts"], ev["num_prompts"]) if ev["every"] else []
-        rewards = load_eval_rewards(config, accelerator.device) if accelerator.is_main_process and prompts and \
-            ev["rewards"] else {}
-        if not rewards:
+        main = accelerator.is_main_process
+        # The shared sampler spreads its batches over every process; a method's own evaluation runs on the main one.
+        if not (prompts and ev["rewards"] and (main or method.evaluate is None)):
             return method, None
+        rewards = load_eval_rewards(config, accelerator.device) if main else {}
         title = f"{method.title}: held-out rewards vs training compute (forward-equivalents)"
-        return method, Evaluation(lambda model: (method.evaluate or evaluate)(model, prompts, rewards, ev),
-                                  lambda csv, png: plot_metrics(csv, png, list(rewards), x="compute", title=title),
-                                  list(rewards))
+        score = (lambda model: method.evaluate(model, prompts, rewards, ev)) if method.evaluate else \
+            (lambda model: evaluate(model, prompts, rewards, ev, accelerator))
+        return method, Evaluation(score, lambda csv, png: plot_metrics(csv, png, list(rewards), x="compute",
+                                                                       title=title), list(ev["rewards"]))
 
     return train_loop(config, run_dir, load, setup, log, output)
 
@@ -196,7 +211,7 @@ def train_loop(config: dict, run_dir: Path, load: Callable[[torch.device], Train
     window: list[Mapping[str, float]] = []
     if state is not None:
         trainable.load_trainable_state(state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
+        trainable.load_optimizer_state(optimizer, state["optimizer"])
         if ema:
             ema.load_state_dict(state["ema"])
         method.load_state_dict(state["method"])
@@ -253,18 +268,17 @@ def train_loop(config: dict, run_dir: Path, load: Callable[[torch.device], Train
         if ev["every"] and (done % ev["every"] == 0 or done == steps):
             record_eval(done)
         if done % tr["checkpoint_every"] == 0 or done == steps:
-            checkpoint.save({"step": done, "trainable": trainable.trainable_state(), "optimizer": optimizer.state_dict(),
-                             "ema": ema.state_dict() if ema else [], "method": method.state_dict(),
-                             "window": window, **counters}, accelerator)
+            checkpoint.save({"step": done, "trainable": trainable.trainable_state(),
+                             "optimizer": trainable.optimizer_state(optimizer), "ema": ema.state_dict() if ema else [],
+                             "method": method.state_dict(), "window": window, **counters}, accelerator)
     if main and metrics.rows:
         plot_metrics(run_dir / "metrics.csv", run_dir / "metrics.png", method.plot_columns,
                      title=f"{method.title} training")
     out_dir = run_dir / output
-    if main:
-        with trainable.evaluation(accelerator, ema):
-            trainable.save(out_dir)
-        if method.on_save:
-            method.on_save(out_dir)
+    with trainable.evaluation(accelerator, ema):
+        trainable.save(out_dir, main)
+    if main and method.on_save:
+        method.on_save(out_dir)
     accelerator.wait_for_everyone()
     say(f"[{method.name}] {steps} steps, compute {compute_row(counters)['compute']:.3g} forward-equivalents; "
         f"model: {out_dir}")

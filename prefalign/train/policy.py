@@ -18,6 +18,7 @@ import torch
 from prefalign.diffusion.models import Conditioning, DiffusionModel
 from prefalign.diffusion.models import load_model as load_base_model
 from prefalign.errors import PrefalignError
+from prefalign.train import distributed
 from prefalign.train.common import ema_weights
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -93,16 +94,38 @@ class Policy:
         else:
             model.denoiser.requires_grad_(True)
         self._unwrapped = model.denoiser
+        self._skeleton: torch.nn.Module | None = None  # the plain denoiser's structure once sharded
         if reference == "adapter":
             self.reference_model = model.with_denoiser(self._unwrapped)
+
+    def shard(self) -> None:
+        """FSDP (`train.distributed=fsdp`): shard the denoiser and a copied reference over the processes; call it
+        before `trainable_parameters`, whose shards the optimizer then holds. LoRA adapters switch off on the
+        shards as on whole layers (FSDP2 takes requires_grad from the shard at each gather)."""
+        self._skeleton = distributed.skeleton(self._unwrapped)
+        distributed.shard(self._unwrapped)
+        if self.reference_model is not None and self.reference_model.denoiser is not self._unwrapped:
+            distributed.shard(self.reference_model.denoiser)
+
+    @property
+    def sharded(self) -> bool:
+        return self._skeleton is not None
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self._unwrapped.parameters() if p.requires_grad]
 
     def prepare(self, accelerator, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """Wrap the denoiser (DDP/FSDP per the accelerate launch) and the optimizer; returns the optimizer."""
+        """Wrap the denoiser (DDP; a sharded one stays as it is) and the optimizer; returns the optimizer."""
+        if self.sharded:
+            return accelerator.prepare(optimizer)
         self.model.denoiser, optimizer = accelerator.prepare(self._unwrapped, optimizer)
         return optimizer
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        return distributed.optimizer_state(self._unwrapped, optimizer)
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        distributed.load_optimizer_state(self._unwrapped, optimizer, state)
 
     @contextlib.contextmanager
     def _reference(self) -> Iterator[DiffusionModel]:
@@ -130,8 +153,9 @@ class Policy:
             return reference.guided(x_t, t, cond, uncond, guidance_scale)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trained parameters by name, whole (gathered when sharded: every process calls it), on the CPU."""
         names = {id(p): n for n, p in self._unwrapped.named_parameters()}
-        return {names[id(p)]: p.detach().cpu().clone() for p in self.trainable_parameters()}
+        return {names[id(p)]: distributed.full(p.detach()).cpu().clone() for p in self.trainable_parameters()}
 
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -141,19 +165,28 @@ class Policy:
             raise PrefalignError(f"checkpoint has parameters this policy lacks ({missing[0]}, ...): "
                                  "was it trained with another policy.lora_rank or base model?")
         for name, value in state.items():
-            params[name].copy_(value)
+            params[name].copy_(distributed.like(value, params[name]))
 
-    def merged_denoiser(self) -> torch.nn.Module:
-        """A standalone copy of the current denoiser with LoRA folded into the base weights."""
-        denoiser = copy.deepcopy(self._unwrapped)
+    def merged_denoiser(self) -> torch.nn.Module | None:
+        """A standalone copy of the current denoiser with LoRA folded into the base weights. Sharded: gathered on
+        the main process (None elsewhere); every process must call it."""
+        if self._skeleton is None:
+            denoiser = copy.deepcopy(self._unwrapped)
+        else:
+            denoiser = distributed.gather_module(self._unwrapped, self._skeleton)
+            if denoiser is None:
+                return None
         if self.lora_rank:
             merge_lora(denoiser)
         return denoiser.requires_grad_(False).eval()
 
     def save_pretrained(self, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
         """The policy as a pipeline directory (LoRA merged), loadable with `DiffusionModel.from_pretrained` and the
-        bench generators (`shapes-teacher:DIR`, `diffusers:DIR`)."""
+        bench generators (`shapes-teacher:DIR`, `diffusers:DIR`). Sharded: every process calls it, the main one
+        writes."""
         merged = self.merged_denoiser()
+        if merged is None:
+            return Path(out_dir)
         if dtype is not None:
             merged.to(dtype)
         self.model.with_denoiser(merged).save_pretrained(out_dir)  # text encoders and VAE shared, not copied
@@ -162,8 +195,8 @@ class Policy:
 
 @contextlib.contextmanager
 def evaluation_weights(policy: Policy, accelerator, ema) -> Iterator:
-    """The policy's model in eval mode with its plain (not DDP-wrapped) denoiser and, with EMA, the EMA weights;
-    everything is restored afterwards."""
+    """The policy's model in eval mode with its plain (not DDP-wrapped; sharded stays sharded) denoiser and, with
+    EMA, the EMA weights; everything is restored afterwards."""
     model, wrapped = policy.model, policy.model.denoiser
     model.denoiser = accelerator.unwrap_model(wrapped)
     model.train(False)

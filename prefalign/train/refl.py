@@ -61,6 +61,7 @@ DEFAULTS: dict = {
         "weight_decay": 1e-2,
         "grad_clip": 1.0,
         "mixed_precision": "no",
+        "distributed": "ddp",  # ddp | fsdp: shard weights, gradients and optimizer state over the processes
         "ema_decay": None,
         "log_every": 10,
         "checkpoint_every": 50,

@@ -103,6 +103,12 @@ class ScorerTrainable:
         self.module.scorer.load_trainable_state(state["scorer"])
         self.module.loss.load_state_dict(state["loss"])
 
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
     @contextlib.contextmanager
     def evaluation(self, accelerator, ema: EMA | None) -> Iterator[ScorerAndLoss]:
         self.module.eval()
@@ -115,7 +121,8 @@ class ScorerTrainable:
     def train(self) -> None:
         self.module.train()
 
-    def save(self, out_dir: Path) -> None:
-        save_scorer(self.module.scorer, out_dir, self.meta())
+    def save(self, out_dir: Path, main: bool) -> None:
+        if main:
+            save_scorer(self.module.scorer, out_dir, self.meta())
 
 

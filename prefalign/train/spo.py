@@ -51,6 +51,7 @@ DEFAULTS: dict = {
         "batch_size": 10,  # pairs per micro-batch (official train_batch_size)
         "grad_accum": 1,
         "mixed_precision": "no",
+        "distributed": "ddp",  # ddp | fsdp: shard weights, gradients and optimizer state over the processes
         "lr": 6e-5,
         "lr_schedule": "constant",
         "warmup_steps": 0,
