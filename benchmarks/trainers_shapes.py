@@ -43,10 +43,13 @@ ARMS = {
     "diff-instruct": ("dipp", "align_dipp_shapes.yaml", ["reward.alpha=0"], None),
     # one seed on 64 shapes-train prompts, every 300 iterations: 0.363 → 0.661 → 0.751 → 0.769 → 0.673 (teacher 0.773)
     "dipp-1200": ("dipp", "align_dipp_shapes.yaml", ["train.steps=1200", "eval.every=300"], "shapes-clip"),
+    # the same with an EMA of the generator (the last iterates above swing by up to 0.11 between checkpoints)
+    "dipp-1200-ema": ("dipp", "align_dipp_shapes.yaml", ["train.steps=1200", "eval.every=300", "train.ema_decay=0.995"],
+                      "shapes-clip"),
     "grpo": ("grpo", "align_grpo_shapes.yaml", ["train.steps=100", "eval.every=25"], "shapes-clip"),
     "refl": ("refl", "align_refl_shapes.yaml", ["train.steps=60", "eval.every=20"], "shapes-clip"),
 }
-ONE_STEP = {"dipp", "diff-instruct", "dipp-1200"}
+ONE_STEP = {"dipp", "diff-instruct", "dipp-1200", "dipp-1200-ema"}
 HELD_OUT = slice(128, 200)  # shapes-val prompts no curve and no tuning run saw
 SAMPLE_SEED = 10_000
 SCORES = ["shapes-oracle", "shapes-clip", LEARNED]
