@@ -81,6 +81,8 @@ def _sampled_eval() -> dict[str, Field]:
         "eval.rewards": Field("rewards scored on the evaluation images (registry names)"),
         "eval.reward_checkpoints": Field("reward name -> checkpoint, e.g. {step-aware: DIR}", free=True),
         "eval.reward_options": Field("reward name -> {option: value} for the evaluation rewards", free=True),
+        "eval.keep_best": Field("an eval.rewards name: the saved model is the evaluation with its highest score "
+                                "(select on training prompts); null: the last step", type=str, nullable=True),
     }
 
 
@@ -131,6 +133,10 @@ SPO: Schema = {
                          aliases=("train.rounds",)),
     "train.warmup_steps": Field("linear learning-rate warm-up length", ge=0, aliases=("train.warmup_rounds",)),
     "preference.checkpoint": Field("step-aware preference model directory (`prefalign train-reward`)", type=str),
+    "preference.reward": Field("instead: a registry reward of the candidates' x̂0, t ignored (e.g. shapes-oracle)",
+                               type=str),
+    "preference.scale": Field("logits of preference.reward: scale x reward (20 = 1/T of oracle-labelled pairs)",
+                              gt=0),
     **_training_prompts(),
     "sample.steps": Field("sampler steps of the sampled trajectories (DDIM for VP, Euler-Maruyama for flow)", ge=1),
     "sample.eta": Field("step noise: DDIM eta (1: stochastic, as SPO) or the flow SDE's noise level", ge=0),
@@ -198,7 +204,7 @@ DIPP: Schema = {
     "train.ikl_weighting": Field("w(t): x0 (Diff-Instruct) or dmd (normalised per sample)", choices=("x0", "dmd")),
     **{k: v for k, v in _sampled_eval().items() if k in (
         "eval.every", "eval.prompts", "eval.num_prompts", "eval.samples_per_prompt", "eval.seed", "eval.rewards",
-        "eval.reward_checkpoints", "eval.reward_options")},
+        "eval.reward_checkpoints", "eval.reward_options", "eval.keep_best")},
 }
 
 GRPO: Schema = {

@@ -222,6 +222,25 @@ def test_killed_run_resumes_to_the_same_metrics(pipelines, tmp_path, kill_on_cal
         r.split(",")[:seconds] + r.split(",")[seconds + 1:] for r in b]
 
 
+def test_keep_best_saves_the_best_evaluation_and_survives_resume(pipelines, tmp_path, monkeypatch):
+    """Scripted scores 0.1, 0.5, 0.9, 0.3 at steps 0–3, then 0.2 at step 4 after a resume: the output holds the
+    step-2 weights, equal to a plain 2-step run's (evaluation draws nothing from the training stream)."""
+    scores = iter([0.1, 0.5, 0.9, 0.3, 0.2])
+    monkeypatch.setattr(dipp, "evaluate_one_step", lambda *args, **kwargs: {"shapes-oracle": next(scores)})
+    evals = {"every": 1, "num_prompts": 1, "rewards": ["shapes-oracle"], "keep_best": "shapes-oracle"}
+    plain, _ = _run(_config(pipelines["pixel"], tmp_path / "plain", train={"steps": 2}))
+    _run(_config(pipelines["pixel"], tmp_path / "kept", train={"steps": 3, "checkpoint_every": 1}, eval=evals))
+    kept, run_dir = _run({**_config(pipelines["pixel"], tmp_path / "kept", train={"steps": 4, "checkpoint_every": 1},
+                                    eval=evals), "resume": True})
+    assert json.loads((kept / "best.json").read_text()) == {"step": 2, "shapes-oracle": 0.9}
+    assert (kept / "one_step.json").is_file() and not (run_dir / "best.tmp").exists()
+    a, b = load_generator(plain)[0], load_generator(kept)[0]
+    for (name, p), q in zip(a.denoiser.state_dict().items(), b.denoiser.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    with pytest.raises(PrefalignError, match=r"eval\.keep_best=shapes-clip needs"):
+        _run(_config(pipelines["pixel"], tmp_path / "bad", eval={**evals, "keep_best": "shapes-clip"}))
+
+
 def test_nan_guard_names_the_step(pipelines, tmp_path):
     with pytest.raises(PrefalignError, match=r"became (nan|inf|-inf) at step 0"):
         _run(_config(pipelines["pixel"], tmp_path / "nan", ta={"lr": 1e38}))

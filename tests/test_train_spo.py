@@ -8,6 +8,7 @@ import torch
 
 from prefalign.diffusion.sampling import ddim_step, ddim_timesteps
 from prefalign.diffusion.tiny import tiny_pipeline
+from prefalign.errors import PrefalignError
 from prefalign.train.policy import Policy
 from prefalign.train.spo import pair_log_ratios, round_prompt_indices, spo_loss, transition_log_ratio
 from prefalign.train.spo_sampling import StepPairs, sample_step_pairs, select_pair
@@ -309,6 +310,26 @@ def test_cli_align_spo(tmp_path, pipelines, scorer_dir):
     result = runner.invoke(app, ["align", "--method", "spo", "--device", "cpu", "--out", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "preference.checkpoint" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_registry_reward_ranks_the_pools_instead(tmp_path, pipelines, scorer_dir):
+    """preference.reward=shapes-oracle: logits are scale · oracle(x̂0), so the kept pairs' gaps follow the scale."""
+    import pandas as pd
+
+    from prefalign.train.spo import RewardPreference
+
+    class Constant:
+        def score(self, images, prompts):
+            return torch.arange(len(images), dtype=torch.float32)
+
+    logits = RewardPreference(Constant(), 20.0).score_x0(torch.zeros(3, 3, 8, 8), torch.tensor([5, 5, 5]), ["a"] * 3)
+    assert logits.tolist() == [0.0, 20.0, 40.0]
+    overrides = [o for o in _overrides(pipelines, scorer_dir, steps=1, **{"eval.every": 0})
+                 if not o.startswith("preference.checkpoint")]
+    _train(tmp_path / "run", [*overrides, "preference.reward=shapes-oracle", "preference.scale=5"])
+    assert pd.read_csv(tmp_path / "run" / "metrics.csv")["pairs"].iloc[0] > 0
+    with pytest.raises(PrefalignError, match=r"set one of preference\.checkpoint"):
+        _train(tmp_path / "both", [*overrides, "preference.reward=shapes-oracle", f"preference.checkpoint={scorer_dir}"])
 
 
 def test_demo_stage_registers_an_spo_generator(tmp_path, scorer_dir, monkeypatch):

@@ -275,6 +275,7 @@ def sampled_eval_defaults(**changes: object) -> dict:
         "rewards": ["shapes-oracle", "shapes-clip"],
         "reward_checkpoints": {},  # reward name -> checkpoint, e.g. {"step-aware": DIR}
         "reward_options": {},  # reward name -> {option: value}
+        "keep_best": None,  # an eval reward: save the weights of its best evaluation instead of the last
         **changes,
     }
 

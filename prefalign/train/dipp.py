@@ -71,7 +71,7 @@ DEFAULTS: dict = {
     },
     "eval": {"every": 100, "prompts": "shapes-val", "num_prompts": 32, "samples_per_prompt": 2, "seed": 1234,
              "rewards": ["shapes-oracle", "shapes-clip"], "reward_checkpoints": {},
-             "reward_options": {}},
+             "reward_options": {}, "keep_best": None},
     "save_dtype": None,  # e.g. float16 for the saved generator
 }
 

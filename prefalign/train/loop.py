@@ -16,6 +16,9 @@ it beside the policy.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -25,6 +28,8 @@ from typing import Protocol
 
 import torch
 
+from prefalign.errors import PrefalignError
+from prefalign.io import atomic_write_text
 from prefalign.progress import track
 from prefalign.train import distributed
 from prefalign.train.common import (
@@ -151,6 +156,52 @@ class PolicyTrainable:
             self.policy.save_pretrained(out_dir, self.dtype)
 
 
+class KeepBest:
+    """`eval.keep_best`: the evaluation weights of the step with the highest `reward` so far, kept in
+    `run_dir/best` (written beside, then swapped in, so the folder always holds one whole model) and linked into
+    the loop's output at the end (kept, so a finished run can be resumed with more steps). Selecting on training prompts is model selection without touching held-out ones."""
+
+    def __init__(self, run_dir: Path, reward: str, state: Mapping | None) -> None:
+        self.dir, self.reward = run_dir / "best", reward
+        self.step, self.score = (int(state["step"]), float(state["score"])) if state else (None, float("-inf"))
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "score": self.score} if self.step is not None else {}
+
+    def offer(self, step: int, row: Mapping | None, save: Callable[[Path], None], accelerator) -> None:
+        """Called inside the evaluation weights on every process; `row` exists where the scores were computed."""
+        better = [row is not None and float(row[self.reward]) > self.score]
+        if accelerator.num_processes > 1:  # the main process decides; every process saves (FSDP gathers on all)
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(better)
+        if not better[0]:
+            return
+        staging = self.dir.with_name("best.tmp")
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        save(staging)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self.step, self.score = step, float(row[self.reward])
+            atomic_write_text(staging / "best.json", json.dumps({"step": step, self.reward: self.score}) + "\n")
+            shutil.rmtree(self.dir, ignore_errors=True)
+            staging.rename(self.dir)
+        accelerator.wait_for_everyone()
+
+    def finish(self, out_dir: Path, main: bool) -> str:
+        """Hard-link the kept weights into `out_dir` (the files are never rewritten in place); returns the log
+        line."""
+        if main:
+            if not self.dir.is_dir():
+                raise PrefalignError(f"{self.dir} is missing: the kept weights of step {self.step} were removed "
+                                     "during the run; rerun without eval.keep_best or from scratch")
+            shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.copytree(self.dir, out_dir, copy_function=os.link)
+        return f"kept step {self.step}: best {self.reward} {self.score:.4g} of the evaluations"
+
+
 def train_policy(config: dict, run_dir: Path, build: Callable[[Run], Method], log: Callable[[str], None] = print,
                  output: str = "model") -> Path:
     """Train the policy of `config["policy"]` on `config["model"]` with the method `build(run)` returns; returns
@@ -194,6 +245,10 @@ def train_loop(config: dict, run_dir: Path, load: Callable[[torch.device], Train
     evaluation; returns `run_dir/output`, where `trainable.save` wrote the model (EMA weights when
     `train.ema_decay` is set). Files as `train_policy`."""
     tr, ev = config["train"], config["eval"]
+    keep = ev.get("keep_best")
+    if keep and not (ev["every"] and keep in ev.get("rewards", ())):
+        raise PrefalignError(f"eval.keep_best={keep} needs eval.every > 0 and {keep} in eval.rewards "
+                             f"(now every={ev['every']}, rewards={list(ev.get('rewards', ()))})")
     accelerator = make_accelerator(config, accumulation_steps=1)  # methods split their steps into micro-batches
     main = accelerator.is_main_process
     say = log if main else (lambda _: None)
@@ -204,6 +259,7 @@ def train_loop(config: dict, run_dir: Path, load: Callable[[torch.device], Train
     optimizer = trainable.prepare(accelerator, make_optimizer(params, tr))
     ema = EMA(params, tr["ema_decay"]) if tr.get("ema_decay") else None
     method, evaluation = setup(trainable, accelerator, say)
+    keeper = KeepBest(run_dir, keep, state.get("best") if state else None) if keep else None
 
     metrics = MetricsLog(run_dir / "metrics.csv", main)
     evals = MetricsLog(run_dir / "eval.csv", main)
@@ -222,15 +278,18 @@ def train_loop(config: dict, run_dir: Path, load: Callable[[torch.device], Train
     evals.truncate(start)
 
     def record_eval(step: int) -> None:
-        if evaluation:
-            with trainable.evaluation(accelerator, ema) as model:
-                row = evaluation.score(model)
-            if row is not None:
-                evals.append({"step": step, **compute_row(counters), **row})
-                if main:
-                    evaluation.plot(run_dir / "eval.csv", run_dir / "eval.png")
-                say(f"[{method.name}] step {step}: " + ", ".join(f"{k} {row[k]:.4g}" for k in evaluation.shown
-                                                                 if k in row))
+        if not (evaluation or keeper):  # a method's own evaluation runs on the main process only
+            return accelerator.wait_for_everyone()
+        with trainable.evaluation(accelerator, ema) as model:
+            row = evaluation.score(model) if evaluation else None
+            if keeper:
+                keeper.offer(step, row, lambda folder: trainable.save(folder, main), accelerator)
+        if row is not None:
+            evals.append({"step": step, **compute_row(counters), **row})
+            if main:
+                evaluation.plot(run_dir / "eval.csv", run_dir / "eval.png")
+            say(f"[{method.name}] step {step}: " + ", ".join(f"{k} {row[k]:.4g}" for k in evaluation.shown
+                                                             if k in row))
         accelerator.wait_for_everyone()
 
     if start == 0 and ev["every"]:
@@ -270,13 +329,17 @@ def train_loop(config: dict, run_dir: Path, load: Callable[[torch.device], Train
         if done % tr["checkpoint_every"] == 0 or done == steps:
             checkpoint.save({"step": done, "trainable": trainable.trainable_state(),
                              "optimizer": trainable.optimizer_state(optimizer), "ema": ema.state_dict() if ema else [],
-                             "method": method.state_dict(), "window": window, **counters}, accelerator)
+                             "method": method.state_dict(), "window": window, **counters,
+                             "best": keeper.state_dict() if keeper else {}}, accelerator)
     if main and metrics.rows:
         plot_metrics(run_dir / "metrics.csv", run_dir / "metrics.png", method.plot_columns,
                      title=f"{method.title} training")
     out_dir = run_dir / output
-    with trainable.evaluation(accelerator, ema):
-        trainable.save(out_dir, main)
+    if keeper:
+        say(f"[{method.name}] {keeper.finish(out_dir, main)}")
+    else:
+        with trainable.evaluation(accelerator, ema):
+            trainable.save(out_dir, main)
     if main and method.on_save:
         method.on_save(out_dir)
     accelerator.wait_for_everyone()

@@ -36,7 +36,9 @@ MAX_EMPTY_ROUNDS = 10  # consecutive rounds without a kept pair before a step gi
 DEFAULTS: dict = {
     **run_defaults(),
     "model": None,  # base pipeline: None / "shapes-teacher[:DIR]" / a diffusers pipeline directory
-    "preference": {"checkpoint": None},  # step-aware preference model directory (`prefalign train-reward`)
+    # The step-aware preference model (`prefalign train-reward`), or a registry reward of x̂0 as `scale` · reward
+    # (t ignored: the SPO paper's ablation of an off-the-shelf reward; shapes-oracle gives the ceiling).
+    "preference": {"checkpoint": None, "reward": None, "scale": 20.0},
     "policy": {"lora_rank": 4, "lora_alpha": None, "lora_targets": list(DEFAULT_LORA_TARGETS),
                "reference": "copy"},
     "data": {"prompts": "shapes-train", "num_prompts": None},  # shapes-train | shapes-val | a prompt file
@@ -188,11 +190,9 @@ def spo_method(run: Run) -> Method:
 
     Compute per image row (a CFG evaluation of one x_t is 2): `fwd_rows` the sampling pools and chains and the
     reference on the training pairs, `fb_rows` the policy's forward+backward on them."""
-    from prefalign.rewards.registry import load
-
     config, policy = run.config, run.policy
     sample, tr = config["sample"], config["train"]
-    rounds = Rounds(run, load("step-aware", checkpoint=config["preference"]["checkpoint"], device=run.device))
+    rounds = Rounds(run, preference_model(config["preference"], run.device))
     size, cfg_rows = int(tr["grad_accum"]) * int(tr["batch_size"]), 1 if sample["guidance"] == 1 else 2
 
     def micro_batches(step: int, generator: torch.Generator):
@@ -218,6 +218,27 @@ def spo_method(run: Run) -> Method:
                   state_dict=rounds.state_dict, load_state_dict=rounds.load_state_dict)
 
 
+class RewardPreference:
+    """A registry reward as the pool ranker: logits `scale` · reward(x̂0), whatever t. With scale 20 = 1/T of the
+    oracle-labelled pairs (T = 0.05), shapes-oracle's logits have the step-aware model's scale."""
+
+    def __init__(self, reward, scale: float) -> None:
+        self.reward, self.scale = reward, scale
+
+    @torch.no_grad()
+    def score_x0(self, images: torch.Tensor, t: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.scale * self.reward.score(images, prompts).float().to(images.device)
+
+
+def preference_model(preference: dict, device: torch.device):
+    """The step-aware model of `preference.checkpoint`, or `RewardPreference` of `preference.reward`."""
+    from prefalign.rewards.registry import load
+
+    if preference.get("reward"):
+        return RewardPreference(load(preference["reward"], device=device), float(preference["scale"]))
+    return load("step-aware", checkpoint=preference["checkpoint"], device=device)
+
+
 def train(config: dict, run_dir: Path, log: Callable[[str], None] = print) -> Path:
     """SPO from `config` (see DEFAULTS) in `run_dir`; returns `run_dir/"model"` (the merged pipeline directory).
 
@@ -225,9 +246,11 @@ def train(config: dict, run_dir: Path, log: Callable[[str], None] = print) -> Pa
     held-out prompts vs compute) and checkpoint.pt (every `train.checkpoint_every` steps; `resume: true`
     continues it exactly), all by `prefalign.train.loop.train_policy`.
     """
-    if not config["preference"].get("checkpoint"):
-        raise PrefalignError("preference.checkpoint is not set: pass a step-aware preference model directory "
-                             "(`prefalign train-reward`), e.g. preference.checkpoint=runs/reward/scorer")
+    preference = config["preference"]
+    if bool(preference.get("checkpoint")) == bool(preference.get("reward")):
+        raise PrefalignError("set one of preference.checkpoint (a step-aware preference model directory from "
+                             "`prefalign train-reward`, e.g. runs/reward/scorer) and preference.reward (a registry "
+                             "reward of x̂0, e.g. shapes-oracle)")
     return train_policy(config, run_dir, spo_method, log)
 
 
