@@ -12,12 +12,13 @@ import numpy as np
 import torch
 
 from prefalign.diffusion.generate import ImageSource, sample_images
+from prefalign.diffusion.models import DiffusionModel
 from prefalign.shapes.grammar import parse_prompt
 from prefalign.shapes.render import render
 from prefalign.shapes.teacher import load_teacher
 from prefalign.shapes.webdata import sample_web_example
 
-__all__ = ["ImageSource", "ideal_renders", "teacher_source", "web_data_images"]
+__all__ = ["ImageSource", "ideal_renders", "model_source", "teacher_source", "web_data_images"]
 
 
 def ideal_renders(prompts: list[str], seeds: list[int]) -> torch.Tensor:
@@ -41,11 +42,16 @@ def teacher_source(
     batch_size: int = 64,
 ) -> ImageSource:
     """DDIM + CFG samples of a teacher pipeline directory (default: the shipped checkpoint)."""
-    teacher = load_teacher(path, device)
+    return model_source(load_teacher(path, device), steps, guidance, eta, batch_size)
+
+
+def model_source(model: DiffusionModel, steps: int = 25, guidance: float = 3.0, eta: float = 0.0,
+                 batch_size: int = 64) -> ImageSource:
+    """DDIM + CFG samples of a loaded model, `batch_size` images per sampler call."""
 
     def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
         chunks = [
-            sample_images(teacher, prompts[i : i + batch_size], seeds[i : i + batch_size], steps, guidance, eta).cpu()
+            sample_images(model, prompts[i : i + batch_size], seeds[i : i + batch_size], steps, guidance, eta).cpu()
             for i in range(0, len(prompts), batch_size)
         ]
         return torch.cat(chunks)
