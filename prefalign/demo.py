@@ -27,6 +27,7 @@ from prefalign.io import atomic_path
 from prefalign.shapes.generators import ImageSource
 from prefalign.shapes.prompts import prompt_set
 from prefalign.shapes.teacher import load_teacher
+from prefalign.stats import bootstrap_ci
 
 DEMO_DEFAULTS: dict = {
     "seed": 0,
@@ -38,7 +39,14 @@ DEMO_DEFAULTS: dict = {
     "sampler": {"steps": 25, "guidance": 3.0, "eta": 0.0},
     "rewards": ["shapes-oracle", "shapes-clip"],
     "stages": ["reward", "dpo", "spo", "dipp", "grpo", "leaderboard"],
+    # shipped: the dpo, spo and dipp stages load the small checkpoints the full trainer benchmark made (their
+    # demo-scale runs do not beat the teacher); train: those stages train at demo scale
+    "checkpoints": "shipped",
 }
+
+# Rows a `checkpoints: shipped` stage registers: (leaderboard name, checkpoint in prefalign/assets/shapes_aligned)
+SHIPPED_ROWS = {"dpo": [("DPO", "dpo")], "spo": [("SPO", "spo")],
+                "dipp": [("DI++", "dipp"), ("Diff-Instruct", "diff-instruct")]}
 
 
 @dataclass
@@ -51,6 +59,25 @@ class DemoContext:
     results: dict[str, pd.DataFrame] = field(default_factory=dict)
     artifacts: dict[str, Path] = field(default_factory=dict)
     log: Callable[[str], None] = print
+
+
+def stage_shipped(ctx: DemoContext, stage: str) -> None:
+    """A trainer stage under `checkpoints: shipped`: register the full benchmark's checkpoints of `stage`
+    (`SHIPPED_ROWS`), multi-step ones sampled like the teacher, and say where each came from."""
+    from prefalign.shapes.aligned import META_FILE, aligned_dir, aligned_source
+
+    sampler = ctx.config["sampler"]
+    for label, name in SHIPPED_ROWS[stage]:
+        ctx.artifacts[name] = folder = aligned_dir(name)
+        meta = json.loads((folder / META_FILE).read_text())
+        source = aligned_source(folder, ctx.device, sampler=sampler)
+        if "one_step" not in meta["sampler"]:
+            source.nfe = sampler["steps"] * (1 if sampler["guidance"] == 1 else 2)
+        ctx.generators[label] = source
+        held_out, delta = meta["held_out"], meta["held_out"]["oracle_minus_teacher"]
+        ctx.log(f"[demo] {label}: the full benchmark's checkpoint ({meta['made_by']}); on its held-out prompts "
+                f"oracle {held_out['oracle'][0]:.3f} vs the teacher's {held_out['teacher_oracle'][0]:.3f}, paired "
+                f"{delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}]")
 
 
 def stage_leaderboard(ctx: DemoContext) -> None:
@@ -77,19 +104,24 @@ def stage_leaderboard(ctx: DemoContext) -> None:
     suite = suite_from_prompts("shapes-val", ctx.prompts, "built-in", f"first {len(ctx.prompts)} prompts")
     ctx.results["leaderboard"] = board = run_bench(config, ctx.log, generators, suite).leaderboard
     if ctx.generators:
-        ctx.log(verdict_line(board, list(ctx.generators), ctx.config["rewards"][0]))
+        samples = pd.read_csv(ctx.run_dir / "leaderboard" / "samples.csv")
+        ctx.log(verdict_line(samples, board, list(ctx.generators), ctx.config["rewards"][0]))
     write_prompt_grids(ctx.run_dir / "leaderboard", ctx.run_dir / "grids", ctx.config["rewards"][0])
 
 
-def verdict_line(board: pd.DataFrame, names: list[str], reward: str) -> str:
-    """One line: does each named row beat the teacher on `reward` (paired per-prompt win rate, 95% CI vs 50%)?"""
+def verdict_line(samples: pd.DataFrame, board: pd.DataFrame, names: list[str], reward: str) -> str:
+    """One line: each named row's mean `reward` minus the teacher's, paired by prompt (95% bootstrap CI over
+    prompts), and its per-prompt win rate against the teacher from the leaderboard."""
+    per_prompt = samples.groupby(["generator", "prompt_index"])[reward].mean().unstack("prompt_index")
+    wins = board.set_index("generator")
     parts = []
     for name in names:
-        row = board.set_index("generator").loc[name]
-        win, low, high = (row[f"win_{reward}{suffix}"] for suffix in ("", "_ci_low", "_ci_high"))
-        verdict = "beats the teacher" if low > 0.5 else "below the teacher" if high < 0.5 else "tie (CI spans 50%)"
-        parts.append(f"{name} {win:.0%} [{low:.0%}, {high:.0%}] {verdict}")
-    return f"[demo] {reward} win rate vs the teacher (paired by prompt, 95% CI): " + "; ".join(parts)
+        delta = bootstrap_ci(per_prompt.loc[name] - per_prompt.loc["teacher"])
+        verdict = ("beats the teacher" if delta.low > 0 else "below the teacher" if delta.high < 0 else
+                   f"{'above' if delta.mean > 0 else 'below'} the teacher, CI spans 0")
+        win = wins.loc[name, f"win_{reward}"]
+        parts.append(f"{name} {delta.mean:+.3f} [{delta.low:+.3f}, {delta.high:+.3f}] {verdict} (wins {win:.0%})")
+    return f"[demo] {reward} vs the teacher (mean difference paired by prompt, 95% CI): " + "; ".join(parts)
 
 
 def write_prompt_grids(bench_dir: Path, out_dir: Path, score: str) -> None:
@@ -99,7 +131,7 @@ def write_prompt_grids(bench_dir: Path, out_dir: Path, score: str) -> None:
     samples = pd.read_csv(bench_dir / "samples.csv")
     order = list(dict.fromkeys(samples["generator"]))
     out_dir.mkdir(parents=True, exist_ok=True)
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=11)  # the scalable built-in font: the bitmap one runs words together
     tile, caption, label_width, title = 128, 14, 140, 22
     for prompt_index, group in samples.groupby("prompt_index", sort=True):
         group = group.assign(rank=group["generator"].map(order.index)).sort_values(["rank", "sample"])
@@ -134,10 +166,12 @@ STAGES: dict[str, Callable[[DemoContext], None] | str] = {
 }
 
 
-def _stage(name: str) -> Callable[[DemoContext], None]:
+def _stage(name: str, checkpoints: str = "train") -> Callable[[DemoContext], None]:
     """A stage by name; trainer stages are imported only when run (they pull in their trainer's dependencies)."""
     if name not in STAGES:
         raise PrefalignError(f"demo stage '{name}' unknown; stages: {', '.join(STAGES)}")
+    if checkpoints == "shipped" and name in SHIPPED_ROWS:
+        return lambda ctx: stage_shipped(ctx, name)
     stage = STAGES[name]
     if isinstance(stage, str):
         module, function = stage.split(":")
@@ -148,13 +182,21 @@ def _stage(name: str) -> Callable[[DemoContext], None]:
 def run_demo(config: dict, run_dir: Path, device: torch.device, log: Callable[[str], None] = print) -> DemoContext:
     """Run the configured stages in order; returns the context with every stage's results."""
     ctx = DemoContext(config, run_dir, device, list(prompt_set("val")[: config["num_prompts"]]), log=log)
-    stages = {name: _stage(name) for name in config["stages"]}  # an unknown name fails before any work
+    # An unknown name, a wrong teacher path or a mismatch fails before any work.
+    stages = {name: _stage(name, config["checkpoints"]) for name in config["stages"]}
+    shipped = [name for name in stages if name in SHIPPED_ROWS] if config["checkpoints"] == "shipped" else []
     if config.get("teacher"):
-        load_teacher(config["teacher"])  # so does a wrong teacher path, before any stage trains
+        load_teacher(config["teacher"])
+        if shipped:
+            raise PrefalignError(f"checkpoints=shipped: the shipped {', '.join(shipped)} checkpoints are updates of "
+                                 f"the shipped teacher, not of teacher={config['teacher']}; pass checkpoints=train")
     sampler = config["sampler"]
+    rows = [label for name in shipped for label, _ in SHIPPED_ROWS[name]]
+    loaded = (f"; rows {', '.join(rows)} load the full benchmark's checkpoints (trained at this scale they do not "
+              "beat the teacher; checkpoints=train trains them here)") if rows else ""
     log(f"[demo] scale: {len(ctx.prompts)} shapes-val prompts × {config['samples_per_prompt']} samples, DDIM "
-        f"{sampler['steps']} steps, CFG {sampler['guidance']}, stages {', '.join(stages)}; full-scale numbers "
-        "with 95% CIs: benchmarks/RESULTS.md")
+        f"{sampler['steps']} steps, CFG {sampler['guidance']}, stages {', '.join(stages)}{loaded}; full-scale "
+        "numbers with 95% CIs: benchmarks/RESULTS.md")
     for name, stage in stages.items():
         log(f"[demo] stage {name}")
         stage(ctx)

@@ -331,6 +331,8 @@ DEMO: Schema = {
     "sampler.eta": Field("DDIM eta (0: deterministic)", ge=0),
     "rewards": Field("rewards of the leaderboard"),
     "stages": Field("stages to run, in order: reward, dpo, spo, dipp, grpo, leaderboard"),
+    "checkpoints": Field("dpo, spo, dipp stages: shipped (load the full benchmark's checkpoints) or train (train "
+                         "them at demo scale)", choices=("shipped", "train")),
 }
 
 # `shapes pretrain`. `arch` is passed to diffusers/transformers as it is.

@@ -47,7 +47,8 @@ def test_fsdp_two_processes_shard_and_match_one_process(tmp_path, launch, lora):
     make_preference_dataset(tmp_path / "pairs", 24, seed=3)
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    policy = ["policy.lora_rank=4", "policy.reference=adapter"] if lora else []
+    # LoRA also keeps its best evaluation: the main process decides, both save the gathered weights
+    policy = ["policy.lora_rank=4", "policy.reference=adapter", "eval.keep_best=shapes-oracle"] if lora else []
     common = [f"model={pixel}", f"data.source={tmp_path / 'pairs' / 'train.parquet'}", "train.lr=1e-3",
               "train.log_every=1", "train.checkpoint_every=2", "train.ema_decay=0.9", "train.prompt_dropout=0.5",
               "eval.every=2", "eval.num_prompts=3", "eval.steps=2", "eval.batch_size=2", "eval.rewards=[shapes-oracle]",
@@ -81,6 +82,9 @@ def test_fsdp_two_processes_shard_and_match_one_process(tmp_path, launch, lora):
                        for d in ("two", "one"))
     assert saved.keys() == expected.keys()  # a plain pipeline, LoRA merged
     assert max(float((saved[k] - expected[k]).abs().max()) for k in saved) < 1e-3
+    if lora:
+        kept = json.loads((tmp_path / "two" / "model" / "best.json").read_text())
+        assert kept["shapes-oracle"] == max(r["shapes-oracle"] for r in rows_two)
     if not lora:
         launch([str(script), str(tmp_path / "straight"), *fsdp, "train.steps=4", "eval.every=0"])
         straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)

@@ -88,11 +88,13 @@ def load_aligned(name: str | Path, device: torch.device | str = "cpu") -> tuple[
     return model.to(device).eval(), json.loads((folder / META_FILE).read_text())
 
 
-def aligned_source(name: str | Path, device: torch.device | str = "cpu", batch_size: int = 64) -> ImageSource:
-    """The checkpoint as an image source, sampled as its trainer sampled it (`meta["sampler"]`)."""
+def aligned_source(name: str | Path, device: torch.device | str = "cpu", batch_size: int = 64,
+                   sampler: dict | None = None) -> ImageSource:
+    """The checkpoint as an image source, sampled as its trainer sampled it (`meta["sampler"]`); `sampler`
+    ({steps, guidance, eta}) overrides that for a multi-step checkpoint, e.g. to sample it like the teacher."""
     model, meta = load_aligned(name, device)
-    sampler = meta["sampler"]
-    if "one_step" in sampler:
-        return one_step_source(model, float(sampler["one_step"]), batch_size)
+    if "one_step" in meta["sampler"]:
+        return one_step_source(model, float(meta["sampler"]["one_step"]), batch_size)
+    sampler = {**meta["sampler"], **(sampler or {})}
     return model_source(model, int(sampler["steps"]), float(sampler["guidance"]), float(sampler.get("eta", 0.0)),
                         batch_size)
