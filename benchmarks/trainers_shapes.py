@@ -18,6 +18,7 @@ seeds; 95 % bootstrap CIs are over prompts, differences are paired by prompt. Th
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -208,23 +209,28 @@ def mean_curve(curves: list[pd.DataFrame]) -> pd.DataFrame:
 def compute_comparison(results: dict) -> list[str]:
     """Curves on the tuning prompts (seed means) and the compute SPO needs to reach DPO's final oracle gain."""
     curves = {arm: mean_curve(r["curves"]) for arm, r in results.items() if r["curves"]}
-    lines = ["Seed-mean oracle on the 128 curve prompts against compute:", ""]
+    lines = ["Seed-mean oracle on each arm's evaluation prompts against compute (the 128 curve prompts; 64 shapes-train "
+             "prompts for the arms that keep their best evaluation):", ""]
     lines += [f"- {arm}: " + "; ".join(f"{c:,.0f}: {o:.3f}" for c, o in zip(curve["compute"], curve["shapes-oracle"],
                                                                               strict=True))
               for arm, curve in curves.items()]
-    if {"dpo", "spo"} <= curves.keys():
-        dpo, spo = curves["dpo"], curves["spo"]
+    for dpo_arm, spo_arm in itertools.product(curves, curves):
+        if ARMS.get(dpo_arm, ("",))[0] != "dpo" or ARMS.get(spo_arm, ("",))[0] != "spo":
+            continue
+        if (SELECT[0] in ARMS[dpo_arm][2]) != (SELECT[0] in ARMS[spo_arm][2]):
+            continue  # curves on different prompts
+        dpo, spo = curves[dpo_arm], curves[spo_arm]
         start, target = dpo["shapes-oracle"].iloc[0], dpo["shapes-oracle"].iloc[-1]
         hit = spo[(spo["shapes-oracle"] >= target) & (spo["step"] > 0)]
         if target <= start:
-            lines.append(f"\nDPO's final oracle gain is not positive ({target - start:+.3f}): no SPO target.")
+            lines.append(f"\n{dpo_arm}'s final oracle gain is not positive ({target - start:+.3f}): no SPO target.")
         elif len(hit):
             ratio = hit["compute"].iloc[0] / dpo["compute"].iloc[-1]
-            lines.append(f"\nSPO reaches DPO's final oracle gain ({target - start:+.3f}) at {ratio:.2f}× DPO's compute "
-                         "(target ≤ 0.20×).")
+            lines.append(f"\n{spo_arm} reaches {dpo_arm}'s final oracle gain ({target - start:+.3f}) at {ratio:.2f}× its "
+                         "compute (target ≤ 0.20×).")
         else:
-            lines.append(f"\nSPO does not reach DPO's final oracle gain ({target - start:+.3f}) within "
-                         f"{spo['compute'].iloc[-1]:,.0f} forward-equivalents.")
+            lines.append(f"\n{spo_arm} does not reach {dpo_arm}'s final oracle gain ({target - start:+.3f}) within "
+                         f"{spo['compute'].iloc[-1]:,.0f} forward-equivalents ({dpo_arm}: {dpo['compute'].iloc[-1]:,.0f}).")
     return lines
 
 

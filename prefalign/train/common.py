@@ -260,6 +260,26 @@ def run_defaults() -> dict:
     }
 
 
+def policy_train_defaults(**changes: object) -> dict:
+    """The `train` keys every policy trainer shares (optimizer, schedule, precision, processes, EMA, logging),
+    with per-trainer `changes`; keys only one trainer has are passed here too and follow the shared ones."""
+    return {
+        "steps": 100,
+        "batch_size": 8,
+        "lr": 1e-5,
+        "lr_schedule": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 1e-2,
+        "grad_clip": 1.0,
+        "mixed_precision": "no",
+        "distributed": "ddp",  # ddp | fsdp: shard weights, gradients and optimizer state over the processes
+        "ema_decay": None,
+        "log_every": 10,
+        "checkpoint_every": 100,
+        **changes,
+    }
+
+
 def sampled_eval_defaults(**changes: object) -> dict:
     """Periodic evaluation of a multi-step sampler (`evaluate`), with per-trainer `changes`."""
     return {

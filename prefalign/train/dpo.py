@@ -38,7 +38,12 @@ from prefalign.diffusion.conversions import convert
 from prefalign.diffusion.losses import denoising_loss
 from prefalign.diffusion.timesteps import TimestepSampler
 from prefalign.errors import PrefalignError
-from prefalign.train.common import run_defaults, run_demo_policy_stage, sampled_eval_defaults
+from prefalign.train.common import (
+    policy_train_defaults,
+    run_defaults,
+    run_demo_policy_stage,
+    sampled_eval_defaults,
+)
 from prefalign.train.loop import Method, MicroBatch, Run, train_policy
 from prefalign.train.policy import DEFAULT_LORA_TARGETS, Policy
 
@@ -57,23 +62,13 @@ DEFAULTS: dict = {
         "snr_gamma": 5.0,
         "timesteps": {"kind": "uniform", "loc": 0.0, "scale": None},
     },
-    "train": {
-        "steps": 500,
-        "batch_size": 8,  # pairs per process per micro-batch
-        "grad_accum": 1,
-        "lr": 1e-5,
-        "lr_schedule": "constant",
-        "warmup_steps": 0,
-        "weight_decay": 1e-2,
-        "grad_clip": 1.0,
-        "prompt_dropout": 0.2,  # official --proportion_empty_prompts
-        "sft_steps": 0,
-        "mixed_precision": "no",
-        "distributed": "ddp",  # ddp | fsdp: shard weights, gradients and optimizer state over the processes
-        "ema_decay": None,
-        "log_every": 10,
-        "checkpoint_every": 100,
-    },
+    "train": policy_train_defaults(
+        steps=500,
+        batch_size=8,  # pairs per process per micro-batch
+        grad_accum=1,
+        prompt_dropout=0.2,  # official --proportion_empty_prompts
+        sft_steps=0,
+    ),
     "eval": sampled_eval_defaults(every=100),
     "save_dtype": None,  # e.g. float16 for the saved pipeline; training keeps fp32 master weights
 }

@@ -32,6 +32,7 @@ from prefalign.rewards.combine import WeightedSumReward
 from prefalign.train.common import (
     load_prompts,
     load_training_reward,
+    policy_train_defaults,
     run_defaults,
     run_demo_policy_stage,
     sampled_eval_defaults,
@@ -59,22 +60,16 @@ DEFAULTS: dict = {
     "sample": {"steps": 10, "eta": 0.7, "guidance": 4.5, "group_size": 24, "prompts_per_step": 24,
                "negative_prompt": "", "sde_window_size": 0, "sde_window_range": [0, None]},
     "loss": {"clip_range": 1e-4, "adv_clip_max": 5.0, "kl_beta": 0.04},
-    "train": {
-        "steps": 300,
-        "batch_size": 8,  # rows per sampling forward and per training micro-batch (per process)
-        "timestep_fraction": 0.99,
-        "timestep_selection": "first",  # first (Flow-GRPO) | random (DanceGRPO)
-        "lr": 3e-4,
-        "lr_schedule": "constant",
-        "warmup_steps": 0,
-        "weight_decay": 1e-4,
-        "grad_clip": 1.0,
-        "mixed_precision": "no",
-        "distributed": "ddp",  # ddp | fsdp: shard weights, gradients and optimizer state over the processes
-        "ema_decay": None,
-        "log_every": 1,
-        "checkpoint_every": 50,
-    },
+    "train": policy_train_defaults(
+        steps=300,
+        batch_size=8,  # rows per sampling forward and per training micro-batch (per process)
+        lr=3e-4,
+        weight_decay=1e-4,
+        log_every=1,
+        checkpoint_every=50,
+        timestep_fraction=0.99,
+        timestep_selection="first",  # first (Flow-GRPO) | random (DanceGRPO)
+    ),
     "eval": sampled_eval_defaults(every=50),
     "save_dtype": None,
 }

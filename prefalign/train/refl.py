@@ -32,7 +32,13 @@ from prefalign.diffusion.generate import timestep_pairs, transition
 from prefalign.diffusion.models import Conditioning, DiffusionModel
 from prefalign.diffusion.sampling import StepOutput
 from prefalign.errors import PrefalignError
-from prefalign.train.common import load_prompts, load_training_reward, run_defaults, sampled_eval_defaults
+from prefalign.train.common import (
+    load_prompts,
+    load_training_reward,
+    policy_train_defaults,
+    run_defaults,
+    sampled_eval_defaults,
+)
 from prefalign.train.loop import Method, MicroBatch, Run, train_policy
 from prefalign.train.policy import DEFAULT_LORA_TARGETS
 
@@ -51,21 +57,8 @@ DEFAULTS: dict = {
     # ReFL.py samples 40 DDPMScheduler steps without CFG: DDIM η = 1 on the same grid is that ancestral step.
     "sample": {"steps": 40, "guidance": 1.0, "eta": 1.0, "negative_prompt": ""},
     "backprop": {"mode": "refl", "stop_range": [30, 39], "last_k": 1},
-    "train": {
-        "steps": 100,  # ReFL.py's launcher: 100 steps, 8 GPUs × batch 2 × grad-acc 4, lr 1e-5 constant, clip 1
-        "batch_size": 2,
-        "grad_accum": 4,
-        "lr": 1e-5,
-        "lr_schedule": "constant",
-        "warmup_steps": 0,
-        "weight_decay": 1e-2,
-        "grad_clip": 1.0,
-        "mixed_precision": "no",
-        "distributed": "ddp",  # ddp | fsdp: shard weights, gradients and optimizer state over the processes
-        "ema_decay": None,
-        "log_every": 10,
-        "checkpoint_every": 50,
-    },
+    # ReFL.py's launcher: 100 steps, 8 GPUs × batch 2 × grad-acc 4, lr 1e-5 constant, clip 1
+    "train": policy_train_defaults(batch_size=2, checkpoint_every=50, grad_accum=4),
     "eval": sampled_eval_defaults(every=50),
     "save_dtype": None,  # e.g. float16 for the saved pipeline; training keeps fp32 master weights
 }

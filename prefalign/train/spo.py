@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from prefalign.diffusion.generate import transition
 from prefalign.diffusion.models import Conditioning
 from prefalign.errors import PrefalignError
-from prefalign.train.common import load_prompts, run_defaults, run_demo_policy_stage, sampled_eval_defaults
+from prefalign.train.common import (
+    load_prompts,
+    policy_train_defaults,
+    run_defaults,
+    run_demo_policy_stage,
+    sampled_eval_defaults,
+)
 from prefalign.train.loop import Method, MicroBatch, Run, train_policy
 from prefalign.train.policy import DEFAULT_LORA_TARGETS, Policy
 from prefalign.train.spo_sampling import PoolStats, StepPairs, sample_step_pairs
@@ -46,28 +52,21 @@ DEFAULTS: dict = {
     # Rectified flow: η is the flow SDE's noise level (Flow-GRPO uses 0.7) and t = σ·T (`sample_step_pairs`).
     "sample": {"steps": 20, "eta": 1.0, "guidance": 5.0, "pool_size": 4, "threshold": 0.3,
                "timestep_range": [0, 751], "batch_size": 10, "negative_prompt": ""},
-    "train": {
-        # Optimizer steps; official SD1.5: 1,000 rounds (4,000 prompts × 10 epochs / 40 per round) of ≤ 16 steps
-        # of 10 pairs per process (16 branching steps per prompt), ≈ 10 at a 60 % keep rate.
-        "steps": 10000,
-        "batch_size": 10,  # pairs per micro-batch (official train_batch_size)
-        "grad_accum": 1,
-        "mixed_precision": "no",
-        "distributed": "ddp",  # ddp | fsdp: shard weights, gradients and optimizer state over the processes
-        "lr": 6e-5,
-        "lr_schedule": "constant",
-        "warmup_steps": 0,
-        "weight_decay": 1e-4,
-        "adam_betas": [0.9, 0.999],
-        "adam_eps": 1e-8,
-        "grad_clip": 1.0,
-        "beta": 10.0,
-        "clamp_eps": 0.1,  # D3PO ratio clamp to [1 − eps, 1 + eps]; null = plain step-wise DPO
-        "logprob": "mean",  # mean (official) or sum over C·H·W of the transition log-density
-        "ema_decay": None,
-        "log_every": 10,
-        "checkpoint_every": 500,
-    },
+    # Optimizer steps; official SD1.5: 1,000 rounds (4,000 prompts × 10 epochs / 40 per round) of ≤ 16 steps of 10
+    # pairs per process (16 branching steps per prompt), ≈ 10 at a 60 % keep rate.
+    "train": policy_train_defaults(
+        steps=10000,
+        batch_size=10,  # pairs per micro-batch (official train_batch_size)
+        lr=6e-5,
+        weight_decay=1e-4,
+        checkpoint_every=500,
+        grad_accum=1,
+        adam_betas=[0.9, 0.999],
+        adam_eps=1e-8,
+        beta=10.0,
+        clamp_eps=0.1,  # D3PO ratio clamp to [1 − eps, 1 + eps]; null = plain step-wise DPO
+        logprob="mean",  # mean (official) or sum over C·H·W of the transition log-density
+    ),
     "eval": sampled_eval_defaults(every=500, num_prompts=64, guidance=5.0, rewards=["shapes-oracle"]),
     "save_dtype": None,  # e.g. float16 for the saved pipeline; training keeps fp32 master weights
 }
