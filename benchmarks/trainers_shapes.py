@@ -63,7 +63,7 @@ ARMS = {
     "grpo": ("grpo", "align_grpo_shapes.yaml", ["train.steps=100", "eval.every=25"], "shapes-clip"),
     "refl": ("refl", "align_refl_shapes.yaml", ["train.steps=60", "eval.every=20"], "shapes-clip"),
 }
-ONE_STEP = {"dipp", "diff-instruct", "dipp-1200", "dipp-1200-ema", "dipp-1500"}
+ONE_STEP = {arm for arm, (method, *_) in ARMS.items() if method == "dipp"}  # one-step generators
 HELD_OUT = slice(128, 200)  # shapes-val prompts no curve and no tuning run saw
 SAMPLE_SEED = 10_000
 SCORES = ["shapes-oracle", "shapes-clip", LEARNED]
@@ -89,7 +89,7 @@ def image_source(arm: str, run_dir: Path | None):
     """The arm's final model as an image source (prompts, seeds) -> images, sampled as its trainer samples."""
     from prefalign.diffusion.models import DiffusionModel
     from prefalign.diffusion.one_step import load_generator, one_step_source
-    from prefalign.shapes.generators import ideal_renders, teacher_source
+    from prefalign.shapes.generators import ideal_renders, model_source, teacher_source
 
     if arm == "ideal":
         return ideal_renders
@@ -98,11 +98,7 @@ def image_source(arm: str, run_dir: Path | None):
     if arm in ONE_STEP:
         model, meta = load_generator(run_dir)
         return one_step_source(model, meta["t_init"])
-    model = DiffusionModel.from_pretrained(run_dir / "model").eval()
-    from prefalign.diffusion.generate import sample_images
-
-    return lambda prompts, seeds: torch.cat([sample_images(model, prompts[i:i + 64], seeds[i:i + 64], 20, 3.0, 0.0)
-                                             for i in range(0, len(prompts), 64)])
+    return model_source(DiffusionModel.from_pretrained(run_dir / "model").eval(), 20, 3.0)
 
 
 def held_out_scores(run_dir: Path, source, rewards: dict, samples: int) -> dict[str, list[float]]:
