@@ -56,6 +56,8 @@ ARMS = {
     "dipp-1500": ("dipp", "align_dipp_shapes.yaml", ["train.steps=1500", "train.lr=1e-4", "train.ema_decay=0.995",
                                                      "eval.every=100", "eval.samples_per_prompt=2", *SELECT],
                   "shapes-clip"),
+    # seed 1, 64 shapes-train prompts, every 12 steps: 0.773 → 0.789 → 0.784 → 0.793 → 0.810 → 0.816 → 0.788
+    "spo-72": ("spo", "align_spo_shapes.yaml", ["train.steps=72", "eval.every=12", *SELECT], LEARNED),
     # SPO with the oracle ranking its pools (preference.reward): does a better preference model make SPO work?
     # seed 1, 64 shapes-train prompts at lr 1e-4: 0.773 → 0.797 → 0.815 (the step-aware model at 1e-4 fell)
     "spo-oracle": ("spo", "align_spo_shapes.yaml", ["preference.reward=shapes-oracle", "train.lr=1e-4",
