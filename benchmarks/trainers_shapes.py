@@ -62,6 +62,11 @@ ARMS = {
     # seed 1, 64 shapes-train prompts at lr 1e-4: 0.773 → 0.797 → 0.815 (the step-aware model at 1e-4 fell)
     "spo-oracle": ("spo", "align_spo_shapes.yaml", ["preference.reward=shapes-oracle", "train.lr=1e-4",
                                                     "eval.every=12", *SELECT], "shapes-oracle"),
+    # dipp-1200-ema with the best of its evaluations every 100 iterations kept (training is the same stream: the
+    # evaluations draw nothing from it); lr 1e-4 (dipp-1500) collapsed too, from a lower peak (0.69, 0.67)
+    "dipp-1200-ema-best": ("dipp", "align_dipp_shapes.yaml", ["train.steps=1200", "train.ema_decay=0.995",
+                                                              "eval.every=100", "eval.samples_per_prompt=2", *SELECT],
+                           "shapes-clip"),
     "grpo": ("grpo", "align_grpo_shapes.yaml", ["train.steps=100", "eval.every=25"], "shapes-clip"),
     "refl": ("refl", "align_refl_shapes.yaml", ["train.steps=60", "eval.every=20"], "shapes-clip"),
 }
