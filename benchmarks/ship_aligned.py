@@ -62,8 +62,9 @@ def ship(out: Path, name: str, arm: str, seeds: list[int], samples: int, rewards
     method, _, settings, _ = ARMS[arm]
     meta = {"name": name, "method": method, "title": TITLES.get(method, method) if name != "diff-instruct"
             else "Diff-Instruct (one step)", "sampler": sampler,
-            "made_by": f"benchmarks/trainers_shapes.py arm {arm} (configs/{ARMS[arm][1]} + {' '.join(settings)}), "
-                       f"training seed {seed}", "chosen": rule,
+            "arm": arm, "seed": seed, "chosen": rule,
+            "made_by": f"benchmarks/trainers_shapes.py arm {arm}: configs/{ARMS[arm][1]}"
+                       + (f" with {' '.join(settings)}" if settings else "") + f", training seed {seed}",
             "train": {k: config["train"][k] for k in ("steps", "lr", "batch_size") if k in config["train"]}}
     folder = SHIPPED_ALIGNED / name
     shutil.rmtree(folder, ignore_errors=True)
@@ -87,6 +88,10 @@ def ship(out: Path, name: str, arm: str, seeds: list[int], samples: int, rewards
         "oracle": mean_ci(oracle), "teacher_oracle": mean_ci(teacher["shapes-oracle"]),
         "oracle_minus_teacher": mean_ci(oracle - np.asarray(teacher["shapes-oracle"])),
         "packed_minus_unpacked": float((oracle - np.asarray(original["shapes-oracle"])).mean()),
+        # every training seed of the arm (unpacked), so a lucky seed cannot pass for the arm
+        "arm_oracle_per_seed": {str(s): float(np.mean(json.loads((out / arm / f"seed{s}" / "heldout.json").read_text())
+                                                     ["shapes-oracle"])) for s in seeds
+                                if (out / arm / f"seed{s}" / "heldout.json").is_file()},
     }
     from prefalign.io import atomic_write_text
 

@@ -194,7 +194,7 @@ def report(results: dict, seeds: list[int]) -> str:
                     return (r["per_prompt"][name] - base[name]) / (ideal[name].mean() - base[name].mean())
 
                 gap = ci(fraction(optimised) - fraction("shapes-oracle"))
-            source = optimised or ("oracle-labelled pairs" if arm == "dpo" else "none (α_rew = 0)")
+            source = optimised or ("oracle-labelled pairs" if ARMS[arm][0] == "dpo" else "none (α_rew = 0)")
             lines.append(f"| {arm} | {source} | {per_compute} | {gap} |")
     if {"dipp", "diff-instruct"} <= results.keys():
         delta = results["dipp"]["per_prompt"]["shapes-oracle"] - results["diff-instruct"]["per_prompt"]["shapes-oracle"]
