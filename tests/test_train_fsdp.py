@@ -84,7 +84,7 @@ def test_fsdp_two_processes_shard_and_match_one_process(tmp_path, launch, lora):
     assert max(float((saved[k] - expected[k]).abs().max()) for k in saved) < 1e-3
     if lora:
         kept = json.loads((tmp_path / "two" / "model" / "best.json").read_text())
-        assert kept["shapes-oracle"] == max(r["shapes-oracle"] for r in rows_two)
+        assert kept["shapes-oracle"] == pytest.approx(max(r["shapes-oracle"] for r in rows_two), abs=1e-5)
     if not lora:
         launch([str(script), str(tmp_path / "straight"), *fsdp, "train.steps=4", "eval.every=0"])
         straight = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
