@@ -27,9 +27,16 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from trainers_shapes import ARMS, HELD_OUT, ONE_STEP, SAMPLE_SEED, held_out_scores
 
+from prefalign.io import atomic_write_text
 from prefalign.stats import bootstrap_ci
 
 TITLES = {"dpo": "Diffusion-DPO", "spo": "SPO", "dipp": "DI++ (one step)", "grpo": "GRPO", "refl": "ReFL"}
+
+
+def mean_ci(values) -> list[float]:
+    """[mean, 95 % low, 95 % high] of `values` (bootstrap over prompts)."""
+    c = bootstrap_ci(values)
+    return [c.mean, c.low, c.high]
 
 
 def chosen_seed(out: Path, arm: str, seeds: list[int]) -> tuple[int, str]:
@@ -72,15 +79,11 @@ def ship(out: Path, name: str, arm: str, seeds: list[int], samples: int, rewards
     scored = out / "shipped" / name
     shutil.rmtree(scored, ignore_errors=True)  # the packed model is new: sample it afresh
     scored.mkdir(parents=True)
-    source = aligned_source(folder)
+    source, _ = aligned_source(folder)
     packed = held_out_scores(scored, source, rewards, samples)
     original = held_out_scores(run_dir, None, rewards, samples)
     teacher = held_out_scores(out / "base", None, rewards, samples)
     oracle = np.asarray(packed["shapes-oracle"])
-
-    def mean_ci(values) -> list[float]:
-        c = bootstrap_ci(values)
-        return [c.mean, c.low, c.high]
 
     meta["held_out"] = {
         "prompts": f"shapes-val {HELD_OUT.start}-{HELD_OUT.stop - 1}", "samples_per_prompt": samples,
@@ -93,8 +96,6 @@ def ship(out: Path, name: str, arm: str, seeds: list[int], samples: int, rewards
                                                      ["shapes-oracle"])) for s in seeds
                                 if (out / arm / f"seed{s}" / "heldout.json").is_file()},
     }
-    from prefalign.io import atomic_write_text
-
     atomic_write_text(folder / "aligned.json", json.dumps(meta, indent=2) + "\n")
     return meta
 

@@ -65,16 +65,11 @@ class DemoContext:
 def stage_shipped(ctx: DemoContext, stage: str) -> None:
     """A trainer stage under `checkpoints: shipped`: register the full benchmark's checkpoints of `stage`
     (`SHIPPED_ROWS`), multi-step ones sampled like the teacher, and say where each came from."""
-    from prefalign.shapes.aligned import META_FILE, aligned_dir, aligned_source
+    from prefalign.shapes.aligned import aligned_dir, aligned_source
 
-    sampler = ctx.config["sampler"]
     for label, name in SHIPPED_ROWS[stage]:
-        ctx.artifacts[name] = folder = aligned_dir(name)
-        meta = json.loads((folder / META_FILE).read_text())
-        source = aligned_source(folder, ctx.device, sampler=sampler)
-        if "one_step" not in meta["sampler"]:
-            source.nfe = sampler["steps"] * (1 if sampler["guidance"] == 1 else 2)
-        ctx.generators[label] = source
+        ctx.artifacts[name] = aligned_dir(name)
+        ctx.generators[label], meta = aligned_source(name, ctx.device, sampler=ctx.config["sampler"])
         held_out, delta = meta["held_out"], meta["held_out"]["oracle_minus_teacher"]
         seeds = ", ".join(f"{v:.3f}" for v in held_out["arm_oracle_per_seed"].values())
         ctx.log(f"[demo] {label}: the full benchmark's checkpoint (benchmarks/trainers_shapes.py arm {meta['arm']}, "
@@ -169,7 +164,7 @@ STAGES: dict[str, Callable[[DemoContext], None] | str] = {
 }
 
 
-def _stage(name: str, checkpoints: str = "train") -> Callable[[DemoContext], None]:
+def _stage(name: str, checkpoints: str) -> Callable[[DemoContext], None]:
     """A stage by name; trainer stages are imported only when run (they pull in their trainer's dependencies)."""
     if name not in STAGES:
         raise PrefalignError(f"demo stage '{name}' unknown; stages: {', '.join(STAGES)}")

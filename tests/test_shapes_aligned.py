@@ -45,7 +45,8 @@ def test_save_then_load_gives_the_tuned_unet_and_samples(tmp_path):
     assert meta["sampler"]["steps"] == 2
     for name, weight in loaded.denoiser.state_dict().items():
         assert torch.allclose(weight, tuned[name], atol=5e-5), name  # half an int8 step of a 1e-3 update
-    images = aligned_source(tmp_path / "ck", sampler={"steps": 2, "guidance": 3.0})(["a red circle"] * 2, [0, 1])
+    source, _ = aligned_source(tmp_path / "ck", sampler={"steps": 2, "guidance": 3.0})
+    images = source(["a red circle"] * 2, [0, 1])
     assert images.shape == (2, 3, 32, 32) and 0 <= float(images.min()) <= float(images.max()) <= 1
 
 

@@ -89,12 +89,12 @@ def load_aligned(name: str | Path, device: torch.device | str = "cpu") -> tuple[
 
 
 def aligned_source(name: str | Path, device: torch.device | str = "cpu", batch_size: int = 64,
-                   sampler: dict | None = None) -> ImageSource:
-    """The checkpoint as an image source, sampled as its trainer sampled it (`meta["sampler"]`); `sampler`
+                   sampler: dict | None = None) -> tuple[ImageSource, dict[str, Any]]:
+    """(image source, meta): the checkpoint sampled as its trainer sampled it (`meta["sampler"]`); `sampler`
     ({steps, guidance, eta}) overrides that for a multi-step checkpoint, e.g. to sample it like the teacher."""
     model, meta = load_aligned(name, device)
     if "one_step" in meta["sampler"]:
-        return one_step_source(model, float(meta["sampler"]["one_step"]), batch_size)
+        return one_step_source(model, float(meta["sampler"]["one_step"]), batch_size), meta
     sampler = {**meta["sampler"], **(sampler or {})}
     return model_source(model, int(sampler["steps"]), float(sampler["guidance"]), float(sampler.get("eta", 0.0)),
-                        batch_size)
+                        batch_size), meta

@@ -370,7 +370,6 @@ def run_demo_policy_stage(ctx, name: str, label: str, config: dict, train: Calla
                                 out=str(ctx.run_dir / name), model=f"shapes-teacher:{teacher}" if teacher else None)
     model_dir = train(config, run_dir, log=ctx.log)
     source = teacher_source(model_dir, ctx.device, sampler["steps"], sampler["guidance"], sampler["eta"])
-    source.nfe = sampler["steps"] * (1 if sampler["guidance"] == 1 else 2)
     ctx.generators[label] = source
     ctx.artifacts[name] = model_dir
     return model_dir

@@ -159,7 +159,8 @@ class PolicyTrainable:
 class KeepBest:
     """`eval.keep_best`: the evaluation weights of the step with the highest `reward` so far, kept in
     `run_dir/best` (written beside, then swapped in, so the folder always holds one whole model) and linked into
-    the loop's output at the end (kept, so a finished run can be resumed with more steps). Selecting on training prompts is model selection without touching held-out ones."""
+    the loop's output at the end (kept, so a finished run can be resumed with more steps). Selecting on training
+    prompts is model selection without touching held-out ones."""
 
     def __init__(self, run_dir: Path, reward: str, state: Mapping | None) -> None:
         self.dir, self.reward = run_dir / "best", reward
